@@ -1,0 +1,46 @@
+"""What every builder shares: the input description, the output head and argument checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a builder needs to know about the data, derived from the dataset at run time.
+
+    Args:
+        shape: one example's image shape, e.g. (8, 8, 1) for digits, (28, 28, 1) for MNIST.
+        dtype: the raw image dtype the model will receive, e.g. "uint8".
+        num_classes: size of the softmax output.
+        max_value: largest raw pixel value; the model rescales by 1 / max_value.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str = "uint8"
+    num_classes: int = 10
+    max_value: float = 255.0
+
+    def __post_init__(self) -> None:
+        if not self.shape or any(int(d) < 1 for d in self.shape):
+            raise ValueError(f"InputSpec.shape must be non-empty and positive. Received: {self.shape}")
+        if self.num_classes < 2:
+            raise ValueError(f"InputSpec.num_classes must be >= 2. Received: {self.num_classes}")
+
+
+def classifier_head(num_classes: int, name: str = "probabilities") -> keras.layers.Dense:
+    """Softmax output kept in float32 under any precision policy, for stable losses and
+    a float32 serving signature."""
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name=name)
+
+
+def check_dropout(rate: float, name: str = "dropout") -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1). Received: {rate}")
+
+
+def check_units(units: list[int] | tuple[int, ...], name: str) -> None:
+    if not units or any(int(u) < 1 for u in units):
+        raise ValueError(f"{name} must be a non-empty list of positive ints. Received: {list(units)}")

@@ -1,0 +1,47 @@
+"""Log every epoch's Keras metrics to an MLflow run, in one batched call per epoch.
+
+Only `on_epoch_end` is overridden: a callback that defines `on_train_batch_end` makes
+Keras 3 synchronise with the device after every step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from pipeline.optim import current_learning_rate
+
+
+def metric_key(keras_name: str) -> str:
+    """Keras `loss` / `accuracy` -> `train_loss` / `train_accuracy`; `val_*` stays."""
+    if keras_name == "learning_rate":
+        return "lr"
+    return keras_name if keras_name.startswith("val_") else f"train_{keras_name}"
+
+
+class MLflowEpochLogger(keras.callbacks.Callback):
+    """Log `train_*`, `val_*` and `lr` at step = epoch (0-based) to one MLflow run.
+
+    Args:
+        run_id: the run to log into.
+        client: the `MlflowClient` to log with; by default one for the current
+            tracking URI.
+    """
+
+    def __init__(self, run_id: str, client: MlflowClient | None = None) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.client = client or MlflowClient()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        timestamp = int(time.time() * 1000)
+        values = {metric_key(name): float(value) for name, value in (logs or {}).items()}
+        # The rate the epoch ended with: the schedule evaluated at the current step.
+        values["lr"] = current_learning_rate(self.model.optimizer)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, value, timestamp, epoch) for key, value in values.items()],
+        )

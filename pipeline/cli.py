@@ -1,0 +1,84 @@
+"""Run a `@hydra.main` entry point so that user mistakes cost one line, not a traceback.
+
+Hydra prints composition errors (a wrong type, an unknown key or group option) over
+several lines, and task errors with a traceback. Our entry points decorate their task
+function with `task` and call their Hydra main through `run`: every error the user can
+fix then ends as a single `error: ...` line and a non-zero exit (2 for config mistakes).
+`HYDRA_FULL_ERROR=1` restores Hydra's own behaviour, tracebacks included.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable, TypeVar
+
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import PipelineError
+
+Task = TypeVar("Task", bound=Callable[..., Any])
+
+
+def user_wants_tracebacks() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def describe(error: BaseException) -> str:
+    """One line that names the offending key and value, for any user-fixable error."""
+    if isinstance(error, MissingConfigException):
+        first = str(error).strip().splitlines()[0]
+        return f"{first}. Available: {', '.join(error.options)}" if error.options else first
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse override '{error.override}': {error.message.splitlines()[0]}"
+    cause = error.__cause__ if isinstance(error, HydraException) else error
+    if isinstance(cause, OmegaConfBaseException):
+        message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+        key = getattr(cause, "full_key", None)
+        return f"{key}: {message}" if key else message
+    return " ".join(str(error).split())
+
+
+def fail(error: BaseException, exit_code: int) -> None:
+    print(f"error: {describe(error)}", file=sys.stderr, flush=True)
+    raise SystemExit(exit_code)
+
+
+def task(function: Task) -> Task:
+    """Decorate a Hydra task function so a `PipelineError` inside it ends in one line.
+
+    Hydra would print "Error executing job with overrides" and re-raise; a `SystemExit`
+    passes through its job runner untouched.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except PipelineError as error:
+            if _full_error_requested:
+                raise
+            fail(error, error.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_full_error_requested = user_wants_tracebacks()
+
+
+def run(hydra_main: Callable[[], Any]) -> None:
+    """Call a `@hydra.main`-decorated function; exit with one line on a user error."""
+    if _full_error_requested:
+        hydra_main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise composition errors to us
+    try:
+        hydra_main()
+    except PipelineError as error:
+        fail(error, error.exit_code)
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(error, 2)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -1,0 +1,205 @@
+"""Typed schema of `conf/` and the checks that run before TensorFlow does any work.
+
+The dataclasses here only declare keys and types; the values and their reasons live in
+the YAML files under `conf/`. Every group option pulls its schema in through its
+defaults list (`/schema/<group>/<name>@_here_`), so a wrong type or an unknown key is
+refused by Hydra while composing. `validate` then checks what types cannot express
+(ranges, choices, importable targets) and raises a one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from pipeline.errors import ConfigError
+
+PRECISION_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    data_dir: Optional[str] = MISSING
+    prepare: bool = MISSING
+    batch_size: int = MISSING
+    val_fraction: float = MISSING
+    shuffle_buffer: int = MISSING
+    cache: bool = MISSING
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    lr: float = MISSING
+    schedule: str = MISSING
+    warmup_epochs: int = MISSING
+    min_lr_ratio: float = MISSING
+    global_clipnorm: Optional[float] = MISSING
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    beta_1: float = MISSING
+    beta_2: float = MISSING
+    epsilon: float = MISSING
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    weight_decay: float = MISSING
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+
+
+@dataclass
+class RMSpropConfig(OptimizerConfig):
+    rho: float = MISSING
+    momentum: float = MISSING
+    epsilon: float = MISSING
+
+
+@dataclass
+class PrecisionConfig:
+    policy: str = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    steps_per_execution: int = MISSING
+    jit_compile: bool = MISSING
+    verbose: int = MISSING
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: Optional[str] = MISSING
+    experiment_name: str = MISSING
+    run_name: Optional[str] = MISSING
+    log_model: bool = MISSING
+    registered_model_name: Optional[str] = MISSING
+    champion_alias: str = MISSING
+    champion_metric: str = MISSING
+    champion_mode: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    seed: int = MISSING
+    optimized_metric: str = MISSING
+    dataset: DatasetConfig = MISSING
+    # Architectures differ in their hyperparameters; `validate` checks them against the
+    # builder's own keyword arguments instead.
+    architecture: Dict[str, Any] = MISSING
+    optimizer: OptimizerConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    # name -> `_target_` config of a Keras callback; null drops one.
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    mlflow: MLflowConfig = MISSING
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for group, name, node in [
+        ("dataset", "dataset", DatasetConfig),
+        ("optimizer", "adam", AdamConfig),
+        ("optimizer", "adamw", AdamWConfig),
+        ("optimizer", "sgd", SGDConfig),
+        ("optimizer", "rmsprop", RMSpropConfig),
+        ("precision", "precision", PrecisionConfig),
+        ("trainer", "trainer", TrainerConfig),
+        ("mlflow", "mlflow", MLflowConfig),
+    ]:
+        store.store(group=f"schema/{group}", name=name, node=node)
+
+
+register_schemas()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed training config; raise `ConfigError` naming the first bad key.
+
+    Runs in pure Python, before TensorFlow is imported, so a mistake costs a second.
+    """
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key} is missing: give it a value") from None
+
+    _check(cfg, "seed", lambda v: v >= 0, "must be >= 0")
+    _check(cfg, "dataset.batch_size", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "dataset.val_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _check(cfg, "dataset.shuffle_buffer", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "optimizer.lr", lambda v: v > 0 and math.isfinite(v), "must be > 0")
+    _check(cfg, "optimizer.schedule", lambda v: v in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}")
+    _check(cfg, "optimizer.warmup_epochs", lambda v: 0 <= v < cfg.trainer.epochs,
+           "must be >= 0 and < trainer.epochs")
+    _check(cfg, "optimizer.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    _check(cfg, "optimizer.global_clipnorm", lambda v: v is None or v > 0, "must be > 0 or null")
+    _check(cfg, "precision.policy", lambda v: v in PRECISION_POLICIES,
+           f"must be one of {PRECISION_POLICIES}")
+    _check(cfg, "trainer.epochs", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "trainer.steps_per_execution", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "trainer.verbose", lambda v: v in (0, 1, 2), "must be 0, 1 or 2")
+    _check(cfg, "mlflow.experiment_name", lambda v: bool(v.strip()), "must not be empty")
+    _check(cfg, "mlflow.champion_alias", lambda v: v.strip() and v != "latest",
+           "must be a non-empty alias other than 'latest' (MLflow reserves it)")
+    _check(cfg, "mlflow.champion_mode", lambda v: v in ("max", "min"), "must be 'max' or 'min'")
+
+    _check_target(cfg, "optimizer")
+    builder = _check_target(cfg, "architecture")
+    _check_keywords(cfg, "architecture", builder, runtime_args=1)
+    for key, value in cfg.architecture.items():
+        if "dropout" in str(key) and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ConfigError(f"architecture.{key} must be in [0, 1). Received: {value!r}")
+    for name, callback in cfg.callbacks.items():
+        if callback is not None:
+            _check_target(cfg.callbacks, name, prefix="callbacks.")
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], Any], rule: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not ok(value):
+        raise ConfigError(f"{key} {rule}. Received: {value!r}")
+
+
+def _check_target(cfg: DictConfig, key: str, prefix: str = "") -> Callable[..., Any]:
+    """Import `<key>._target_` and return it; a typo fails here, not deep in Hydra."""
+    node = cfg[key]
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        raise ConfigError(f"{prefix}{key}._target_ is missing: name the class or builder to use")
+    module_name, _, attribute = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{prefix}{key}._target_ cannot be imported. Received: {target!r}") from None
+
+
+def _check_keywords(cfg: DictConfig, key: str, function: Callable[..., Any], runtime_args: int) -> None:
+    """Refuse hyperparameters the builder does not accept, naming the key."""
+    parameters = list(inspect.signature(function).parameters.values())[runtime_args:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = {p.name for p in parameters}
+    for name in cfg[key]:
+        if not str(name).startswith("_") and name not in accepted:
+            raise ConfigError(
+                f"{key}.{name} is not a hyperparameter of {cfg[key]._target_}. "
+                f"Accepted: {', '.join(sorted(accepted))}"
+            )

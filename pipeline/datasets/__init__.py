@@ -1,0 +1,6 @@
+"""TFDS builders this project ships, so that training works with no network.
+
+Importing this package registers them with TFDS (`tfds.builder("digits")`).
+"""
+
+from pipeline.datasets.digits import digits_dataset_builder  # noqa: F401  (registers "digits")

@@ -1,0 +1,24 @@
+"""Errors a user can fix without reading a traceback.
+
+Anything raised as a `PipelineError` is printed by the command-line entry points as
+one line (`error: ...`) with a non-zero exit code; everything else is a bug and keeps
+its traceback.
+"""
+
+
+class PipelineError(Exception):
+    """A failure caused by the user's input or environment, explained in one line."""
+
+    exit_code = 1
+
+
+class ConfigError(PipelineError, ValueError):
+    """A config value that cannot work, e.g. `optimizer.lr must be > 0. Received: -1.0`."""
+
+    exit_code = 2
+
+
+class DatasetError(PipelineError):
+    """A dataset that is unknown, not prepared, or cannot be prepared here."""
+
+    exit_code = 2

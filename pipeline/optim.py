@@ -1,0 +1,42 @@
+"""Build the Keras optimizer and learning-rate schedule from the `optimizer` config group."""
+
+from __future__ import annotations
+
+import keras
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+# Keys of the `optimizer` group that shape the schedule; all others go to the class.
+SCHEDULE_KEYS = ("_target_", "lr", "schedule", "warmup_epochs", "min_lr_ratio")
+
+
+def learning_rate(cfg: DictConfig, steps_per_epoch: int, epochs: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """`cfg.lr` as a constant, or a (warmed-up) cosine decay over the whole run.
+
+    Steps are optimizer updates: `steps_per_epoch * epochs` in total.
+    """
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "constant" and warmup_steps == 0:
+        return float(cfg.lr)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else float(cfg.lr),
+        warmup_target=float(cfg.lr) if warmup_steps else None,
+        warmup_steps=warmup_steps,
+        decay_steps=max(steps_per_epoch * epochs - warmup_steps, 1),
+        # alpha=1 keeps the rate flat after a warmup: "constant" with warmup.
+        alpha=1.0 if cfg.schedule == "constant" else float(cfg.min_lr_ratio),
+    )
+
+
+def build(cfg: DictConfig, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
+    """Instantiate `cfg._target_` (any `keras.optimizers` class) with its own options."""
+    options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in SCHEDULE_KEYS}
+    if options.get("global_clipnorm") is None:
+        options.pop("global_clipnorm", None)
+    optimizer_class = get_class(cfg._target_)
+    return optimizer_class(learning_rate=learning_rate(cfg, steps_per_epoch, epochs), **options)
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The rate the next update will use (evaluates a schedule at the current step)."""
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))

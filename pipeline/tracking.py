@@ -1,0 +1,203 @@
+"""Everything the pipeline writes to MLflow, and the one place a run is opened and closed.
+
+The tracking URI is `mlflow.tracking_uri` if set, else `$MLFLOW_TRACKING_URI`, else a
+sqlite store `mlflow.db` in the launch directory (MLflow's own default, no server
+needed; artifacts go to `./mlruns`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+from omegaconf import DictConfig, OmegaConf
+
+from architectures.common import InputSpec
+
+log = logging.getLogger(__name__)
+
+# MLflow refuses longer parameter values.
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri(configured: str | None) -> str:
+    """The configured URI, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"optimizer": {"lr": 0.001}} -> {"optimizer.lr": "0.001"}; lists stay whole."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+@dataclass(frozen=True)
+class RunNames:
+    """How a training run and its registered model are named and tagged."""
+
+    run: str
+    model: str
+    tags: dict[str, str]
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, choices: Mapping[str, str]) -> RunNames:
+        # Under Hydra the group choice ("mlp") names the architecture; without it, the
+        # builder's module does (architectures.mlp.build -> "mlp").
+        architecture = choices.get("architecture") or cfg.architecture._target_.split(".")[-2]
+        dataset, precision = cfg.dataset.name, cfg.precision.policy
+        return cls(
+            run=cfg.mlflow.run_name or f"{architecture}-{dataset}-{precision}",
+            model=cfg.mlflow.registered_model_name or f"{dataset}-{architecture}",
+            tags={"architecture": architecture, "dataset": dataset, "precision": precision},
+        )
+
+
+@contextlib.contextmanager
+def start_run(cfg: DictConfig, run_name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """Open the training run and always close it.
+
+    The run ends FINISHED on success, KILLED on Ctrl-C, and FAILED on any other error,
+    with the reason in the `failure_reason` tag, so no run is ever left RUNNING for the
+    next job of a sweep.
+    """
+    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri))
+    mlflow.set_experiment(cfg.mlflow.experiment_name)
+    run = mlflow.start_run(run_name=run_name, tags=dict(tags))
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        _tag_failure(run.info.run_id, "interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as error:
+        _tag_failure(run.info.run_id, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def _tag_failure(run_id: str, reason: str) -> None:
+    try:
+        MlflowClient().set_tag(run_id, "failure_reason", " ".join(reason.split())[:5000])
+    except Exception:  # the store may be the thing that failed; the status still gets set
+        log.exception("could not record the failure reason on run %s", run_id)
+
+
+def log_config(cfg: DictConfig, overrides: list[str]) -> None:
+    """The resolved config as flattened params and as `config.yaml`; overrides as a tag."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    mlflow.log_params(flatten(container))
+    mlflow.set_tag("overrides", " ".join(overrides) if overrides else "(defaults)")
+    mlflow.set_tag("command", " ".join([os.path.basename(sys.executable), *sys.argv]))
+    mlflow.log_text(OmegaConf.to_yaml(container), "config.yaml")
+
+
+def log_model_summary(model: keras.Model) -> None:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), line_length=110)
+    mlflow.log_text("\n".join(lines), "model_summary.txt")
+
+
+def signature(input_spec: InputSpec) -> ModelSignature:
+    """Raw images in, float32 probabilities out.
+
+    The input TensorSpec is deliberately unnamed: with a named one, MLflow 3.17's pyfunc
+    passes `{name: array}` to the SavedModel's `serve` endpoint, which then fails.
+    """
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(input_spec.dtype), (-1, *input_spec.shape))]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, input_spec.num_classes))]),
+    )
+
+
+def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_name: str | None) -> ModelInfo:
+    """Log `model` as a SavedModel (`serve` endpoint) and optionally register it.
+
+    No `input_example`: mlflow.keras 3.17 writes it before creating the model directory
+    and fails (mlflow/mlflow#16183); the signature carries the shapes and dtypes.
+    """
+    import tensorflow as tf
+
+    return mlflow.keras.log_model(
+        model,
+        name="model",
+        save_exported_model=True,
+        signature=signature(input_spec),
+        registered_model_name=registered_model_name,
+        # Explicit requirements: inferring them reloads the model in a subprocess.
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+    )
+
+
+def promote_if_better(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    alias: str,
+    metric: str,
+    value: float,
+    greater_is_better: bool = True,
+) -> tuple[bool, str | None]:
+    """Point `alias` at `version` if its `metric` beats the current holder's.
+
+    The metric is stored as a tag on every version it is computed for, so the
+    comparison needs nothing but the registry.
+
+    Returns:
+        (promoted, previous): whether the alias moved, and the version it pointed to.
+    """
+    client.set_model_version_tag(name, version, metric, repr(float(value)))
+    # Read the alias off the registered model: a missing alias is an error whose code
+    # differs between the sqlite store and the REST server.
+    previous = client.get_registered_model(name).aliases.get(alias)
+    if previous is not None and str(previous) != version:
+        current = client.get_model_version(name, str(previous))
+        best = current.tags.get(metric)
+        if best is None and current.run_id:  # e.g. a version registered by hand
+            best = client.get_run(current.run_id).data.metrics.get(metric)
+        if best is not None:
+            better = value > float(best) if greater_is_better else value < float(best)
+            if not better:
+                return False, str(previous)
+    client.set_registered_model_alias(name, alias, version)
+    return True, None if previous is None else str(previous)
+
+
+def register_champion(cfg: DictConfig, name: str, model_info: ModelInfo, metrics: Mapping[str, float]) -> bool:
+    """Move the champion alias (`cfg` is the `mlflow` group) to version
+    `model_info.registered_model_version` of `name` if it beats the current champion;
+    tag the active run with the outcome."""
+    version = str(model_info.registered_model_version)
+    promoted, previous = promote_if_better(
+        MlflowClient(), name, version, cfg.champion_alias, cfg.champion_metric,
+        metrics[cfg.champion_metric], greater_is_better=cfg.champion_mode == "max",
+    )
+    mlflow.set_tags({"registered_model": f"{name}/{version}", f"{cfg.champion_alias}_promoted": str(promoted).lower()})
+    log.info("registered models:/%s/%s; @%s %s (previous: %s)", name, version, cfg.champion_alias,
+             "moved to it" if promoted else "stays", previous or "none")
+    return promoted
