@@ -112,9 +112,18 @@ class TrainConfig:
     mlflow: MLflowConfig = MISSING
 
 
+@dataclass
+class EvaluateConfig:
+    model: str = MISSING
+    split: str = MISSING
+    dataset: DatasetConfig = MISSING
+    mlflow: MLflowConfig = MISSING
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
     for group, name, node in [
         ("dataset", "dataset", DatasetConfig),
         ("optimizer", "adam", AdamConfig),
@@ -145,6 +154,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "dataset.batch_size", lambda v: v >= 1, "must be >= 1")
     _check(cfg, "dataset.val_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _check(cfg, "dataset.shuffle_buffer", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "trainer.epochs", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "trainer.steps_per_execution", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "trainer.verbose", lambda v: v in (0, 1, 2), "must be 0, 1 or 2")
     _check(cfg, "optimizer.lr", lambda v: v > 0 and math.isfinite(v), "must be > 0")
     _check(cfg, "optimizer.schedule", lambda v: v in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}")
     _check(cfg, "optimizer.warmup_epochs", lambda v: 0 <= v < cfg.trainer.epochs,
@@ -153,9 +165,6 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "optimizer.global_clipnorm", lambda v: v is None or v > 0, "must be > 0 or null")
     _check(cfg, "precision.policy", lambda v: v in PRECISION_POLICIES,
            f"must be one of {PRECISION_POLICIES}")
-    _check(cfg, "trainer.epochs", lambda v: v >= 1, "must be >= 1")
-    _check(cfg, "trainer.steps_per_execution", lambda v: v >= 1, "must be >= 1")
-    _check(cfg, "trainer.verbose", lambda v: v in (0, 1, 2), "must be 0, 1 or 2")
     _check(cfg, "mlflow.experiment_name", lambda v: bool(v.strip()), "must not be empty")
     _check(cfg, "mlflow.champion_alias", lambda v: v.strip() and v != "latest",
            "must be a non-empty alias other than 'latest' (MLflow reserves it)")

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real `conf/`, a real TFDS data dir and a real MLflow store in tmp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose the real `conf/<config_name>.yaml` as the entry points do.
+
+    Like `@hydra.main`, it makes the Hydra config (overrides, group choices) available
+    through `HydraConfig` and hands the task only the job's own config.
+    """
+    import pipeline.config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m module args...` in a fresh interpreter, as a user would run it."""
+    # Only what the test passes decides where runs go, never the caller's environment.
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A TFDS data dir with `digits` prepared once for the whole session."""
+    import tensorflow_datasets as tfds
+
+    import pipeline.datasets  # noqa: F401  (registers digits)
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    tfds.builder("digits", data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking store; artifacts land in tmp_path/mlruns."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+class ModelCapture(keras.callbacks.Callback):
+    """Test callback (selected by `_target_`): keeps the trained model for inspection."""
+
+    models: list[keras.Model] = []
+
+    def on_train_end(self, logs=None) -> None:
+        ModelCapture.models.append(self.model)
+
+
+class FailAtEpochEnd(keras.callbacks.Callback):
+    """Test callback (selected by `_target_`): fails the run like a crash mid-training."""
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        raise RuntimeError(f"injected failure after epoch {epoch}")

@@ -1,0 +1,124 @@
+"""Config composition and validation: every group option composes, every mistake is one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose_config, run_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from pipeline import cli
+from pipeline.config import validate
+from pipeline.errors import ConfigError
+
+GROUPS = ["dataset", "architecture", "optimizer", "precision", "trainer", "callbacks", "mlflow"]
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(group, option) for group in GROUPS for option in group_options(group)],
+)
+def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
+    cfg = compose_config([f"{group}={option}"])
+    validate(cfg)
+    assert OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert group_options(group), f"conf/{group}/ has no options"
+
+
+def test_user_facing_keys_exist_with_sane_defaults() -> None:
+    cfg = compose_config()
+    assert cfg.trainer.epochs >= 1
+    assert cfg.dataset.batch_size >= 1
+    assert cfg.optimizer.lr > 0
+    assert isinstance(cfg.seed, int)
+    assert cfg.dataset.name == "digits"
+    assert cfg.architecture._target_ == "architectures.mlp.build"
+    assert compose_config(["optimizer=sgd"]).optimizer._target_ == "keras.optimizers.SGD"
+
+
+def test_evaluate_config_composes() -> None:
+    cfg = compose_config(["model=models:/digits-mlp@champion"], config_name="evaluate")
+    assert cfg.model == "models:/digits-mlp@champion"
+    assert cfg.split == "test"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=-1", "optimizer.lr must be > 0. Received: -1.0"),
+        ("optimizer.lr=0", "optimizer.lr must be > 0. Received: 0.0"),
+        ("dataset.batch_size=0", "dataset.batch_size must be >= 1. Received: 0"),
+        ("trainer.epochs=0", "trainer.epochs must be >= 1. Received: 0"),
+        ("trainer.steps_per_execution=0", "trainer.steps_per_execution must be >= 1. Received: 0"),
+        ("dataset.val_fraction=1.0", "dataset.val_fraction must be in [0, 1). Received: 1.0"),
+        ("architecture.dropout=1.5", "architecture.dropout must be in [0, 1). Received: 1.5"),
+        ("precision.policy=float64", "precision.policy must be one of"),
+        ("optimizer.schedule=linear", "optimizer.schedule must be one of"),
+        ("optimizer.warmup_epochs=50", "optimizer.warmup_epochs must be >= 0 and < trainer.epochs. Received: 50"),
+        ("mlflow.champion_alias=latest", "mlflow.champion_alias must be a non-empty alias other than 'latest'"),
+        ("mlflow.champion_mode=best", "mlflow.champion_mode must be 'max' or 'min'. Received: 'best'"),
+        ("seed=-3", "seed must be >= 0. Received: -3"),
+        ("architecture._target_=architectures.nope.build",
+         "architecture._target_ cannot be imported. Received: 'architectures.nope.build'"),
+        ("+architecture.depth=3", "architecture.depth is not a hyperparameter of architectures.mlp.build"),
+        ("dataset.name=???", "dataset.name is missing"),
+    ],
+)
+def test_validate_names_key_and_value(override: str, message: str) -> None:
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=abc", "optimizer.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        ("seed=1.5", "seed: Value '1.5' of type 'float' could not be converted to Integer"),
+        ("trainer.epochs=many", "trainer.epochs: Value 'many' of type 'str' could not be converted to Integer"),
+        ("trainer.epoch=3", "trainer.epoch: Key 'epoch' not in 'TrainerConfig'"),
+        ("optimizer=nope", "Could not find 'optimizer/nope'. Available: adam, adamw, rmsprop, sgd"),
+    ],
+)
+def test_composition_errors_become_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config([override])
+    line = cli.describe(error.value)
+    assert message in line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=-1", "error: optimizer.lr must be > 0. Received: -1.0"),
+        ("optimizer.lr=abc", "error: optimizer.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        ("optimizer=nope", "error: In 'train': Could not find 'optimizer/nope'. Available: adam, adamw, rmsprop, sgd"),
+        ("trainer.epoch=3", "error: trainer.epoch: Key 'epoch' not in 'TrainerConfig'"),
+        ("dataset.batch_size=0", "error: dataset.batch_size must be >= 1. Received: 0"),
+    ],
+)
+def test_cli_refuses_bad_config_in_one_line(override: str, message: str, tmp_path: Path) -> None:
+    result = run_module("pipeline.train", override, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "mlflow.db").exists(), "a refused config must not create runs"
+
+
+def test_hydra_full_error_restores_the_traceback(tmp_path: Path) -> None:
+    result = run_module("pipeline.train", "optimizer.lr=-1", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "optimizer.lr must be > 0" in result.stderr

@@ -1,0 +1,82 @@
+"""The `digits` TFDS builder keeps its contract, offline, and the loader explains failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import compose_config
+from sklearn.datasets import load_digits
+
+from pipeline import data
+from pipeline.datasets.digits.digits_dataset_builder import digits_arrays
+from pipeline.errors import DatasetError
+
+
+def split_arrays(tfds_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    ds = tfds.load("digits", split=split, data_dir=tfds_dir, download=False, as_supervised=True)
+    images, labels = zip(*tfds.as_numpy(ds))
+    return np.stack(images), np.array(labels)
+
+
+def test_features_and_split_sizes(tfds_dir: str) -> None:
+    info = tfds.builder("digits", data_dir=tfds_dir).info
+    assert info.splits["train"].num_examples == 1437
+    assert info.splits["test"].num_examples == 360
+    assert info.features["image"].shape == (8, 8, 1)
+    assert info.features["image"].np_dtype == np.uint8
+    assert info.features["label"].num_classes == 10
+    assert info.supervised_keys == ("image", "label")
+
+
+def test_test_split_is_every_fifth_sklearn_sample(tfds_dir: str) -> None:
+    sk = load_digits()
+    expected_images = np.round(sk.images * 255 / 16).astype(np.uint8)[..., None]
+    index = np.arange(len(sk.target))
+    for split, mask in [("test", index % 5 == 0), ("train", index % 5 != 0)]:
+        images, labels = split_arrays(tfds_dir, split)
+        assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 1)
+        assert labels.min() == 0 and labels.max() == 9
+        # Same multiset of (image, label) pairs; TFDS stores them in its own order.
+        got = sorted(img.tobytes() + bytes([lab]) for img, lab in zip(images, labels))
+        want = sorted(img.tobytes() + bytes([lab]) for img, lab in zip(expected_images[mask], sk.target[mask]))
+        assert got == want
+
+
+def test_pixel_values_follow_the_contract() -> None:
+    images, labels = digits_arrays()
+    sk = load_digits()
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
+    assert images.max() == 255 and images.min() == 0
+    np.testing.assert_array_equal(images[..., 0], np.round(sk.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(labels, sk.target)
+
+
+def test_loader_carves_a_fixed_validation_set(tfds_dir: str) -> None:
+    cfg = compose_config([f"dataset.data_dir={tfds_dir}", "dataset.val_fraction=0.2", "dataset.batch_size=100"])
+    splits = data.load(cfg.dataset, seed=0)
+    assert splits.sizes == {"train": 1150, "val": 287, "test": 360}
+    assert splits.steps_per_epoch == 12
+    assert splits.input_spec.shape == (8, 8, 1) and splits.input_spec.dtype == "uint8"
+    assert splits.input_spec.num_classes == 10
+
+    def labels(ds):
+        return np.concatenate([y for _, y in tfds.as_numpy(ds)])
+
+    again = data.load(cfg.dataset, seed=1)
+    np.testing.assert_array_equal(labels(splits.val), labels(again.val))  # same examples, same order
+    assert sum(len(y) for _, y in tfds.as_numpy(splits.train)) == 1150
+    first_epoch, second_epoch = labels(splits.train), labels(splits.train)
+    assert not np.array_equal(first_epoch, second_epoch), "train must reshuffle every epoch"
+
+
+def test_unknown_dataset_is_one_clear_error(tfds_dir: str) -> None:
+    cfg = compose_config([f"dataset.data_dir={tfds_dir}", "dataset.name=no_such_dataset"])
+    with pytest.raises(DatasetError, match="dataset.name: no TFDS dataset is called 'no_such_dataset'"):
+        data.load(cfg.dataset, seed=0)
+
+
+def test_unprepared_dataset_says_how_to_prepare(tmp_path) -> None:
+    cfg = compose_config([f"dataset.data_dir={tmp_path}", "dataset.prepare=false"])
+    with pytest.raises(DatasetError, match=r"not prepared in .* `tfds build digits --data_dir"):
+        data.load(cfg.dataset, seed=0)
