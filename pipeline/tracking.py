@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -75,12 +76,14 @@ class RunNames:
 
 
 @contextlib.contextmanager
-def start_run(cfg: DictConfig, run_name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+def start_run(
+    cfg: DictConfig, run_name: str, tags: Mapping[str, str], log_file: Path | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Open the training run and always close it.
 
     The run ends FINISHED on success, KILLED on Ctrl-C, and FAILED on any other error,
     with the reason in the `failure_reason` tag, so no run is ever left RUNNING for the
-    next job of a sweep.
+    next job of a sweep. `log_file` (the job's log) is attached to the run either way.
     """
     mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri))
     mlflow.set_experiment(cfg.mlflow.experiment_name)
@@ -97,6 +100,11 @@ def start_run(cfg: DictConfig, run_name: str, tags: Mapping[str, str]) -> Iterat
         _tag_failure(run.info.run_id, f"{type(error).__name__}: {error}")
         raise
     finally:
+        if log_file is not None and log_file.is_file():
+            try:
+                mlflow.log_artifact(str(log_file))
+            except Exception:  # a lost log must not hide the run's real outcome
+                log.exception("could not attach %s to run %s", log_file, run.info.run_id)
         mlflow.end_run(status)
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
 from pipeline.config import validate
@@ -60,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
 
     names = tracking.RunNames.from_config(cfg, _choices())
-    with tracking.start_run(cfg, names.run, names.tags) as run:
+    with tracking.start_run(cfg, names.run, names.tags, log_file=_job_log_file()) as run:
         tracking.log_config(cfg, _overrides())
         tracking.log_model_summary(model)
         mlflow.log_params({f"data.{role}_examples": n for role, n in splits.sizes.items()}
@@ -71,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             splits.train,
             validation_data=splits.val,
             epochs=cfg.trainer.epochs,
+            shuffle=False,  # the tf.data pipeline shuffles, with the run's seed
             callbacks=callbacks,
             verbose=cfg.trainer.verbose,
         )
@@ -88,6 +90,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _choices() -> dict[str, str]:
     """The option chosen in each config group (e.g. architecture -> mlp), under Hydra."""
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def _job_log_file() -> Path | None:
+    """Hydra's log of this job (`<output_dir>/<job name>.log`), when Hydra runs the job."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if OmegaConf.is_missing(hydra_cfg.runtime, "output_dir"):  # composed, not run, by Hydra
+        return None
+    return Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
 
 
 def _overrides() -> list[str]:

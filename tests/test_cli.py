@@ -1,0 +1,63 @@
+"""The commands a user types, run as separate processes in an empty directory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import compose_config, run_module
+from mlflow.tracking import MlflowClient
+
+from pipeline.train import train
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_from_the_command_line(tfds_dir: str, tmp_path: Path) -> None:
+    # No MLFLOW_TRACKING_URI: the embedded store in the launch directory is the default.
+    trained = run_module("pipeline.train", "trainer.epochs=2", f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
+    assert list((tmp_path / "outputs").glob("*/*/.hydra/config.yaml")), "Hydra's run dir is in the launch dir"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["overrides"] == f"trainer.epochs=2 dataset.data_dir={tfds_dir}"
+    assert run.data.tags["command"].endswith(f"trainer.epochs=2 dataset.data_dir={tfds_dir}")
+    assert "train.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    evaluated = run_module("pipeline.evaluate", "model=models:/digits-mlp@champion",
+                           f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    match = re.search(r"models:/digits-mlp@champion on digits\[test\] \(360 examples\): accuracy ([0-9.]+)",
+                      evaluated.stdout)
+    assert match, evaluated.stdout
+    assert float(match.group(1)) == pytest.approx(run.data.metrics["test_accuracy"], abs=5e-5)
+
+
+def test_evaluate_refuses_unknown_model_in_one_line(tmp_path: Path) -> None:
+    result = run_module("pipeline.evaluate", "model=models:/no-such-model@champion", cwd=tmp_path,
+                        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: model: cannot load 'models:/no-such-model@champion': "
+        "Registered Model with name=no-such-model not found"
+    )
+
+
+def test_evaluate_without_model_says_what_to_pass(tmp_path: Path) -> None:
+    result = run_module("pipeline.evaluate", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: model is missing: give an MLflow model URI, e.g. model=models:/digits-mlp@champion"
+    ]
+
+
+@pytest.mark.slow
+def test_default_config_reaches_target_accuracy(tfds_dir: str, mlflow_store: str) -> None:
+    metrics = train(compose_config([f"dataset.data_dir={tfds_dir}"]))
+    assert metrics["test_accuracy"] >= 0.95
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
+    assert run.data.tags["champion_promoted"] == "true"
