@@ -61,6 +61,9 @@ def task(function: Task) -> Task:
             if _full_error_requested:
                 raise
             fail(error, error.exit_code)
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -2,8 +2,8 @@
 
 The dataclasses here only declare keys and types; the values and their reasons live in
 the YAML files under `conf/`. Every group option pulls its schema in through its
-defaults list (`/schema/<group>/<name>@_here_`), so a wrong type or an unknown key is
-refused by Hydra while composing. `validate` then checks what types cannot express
+defaults list (e.g. `/optimizer_sgd_schema@_here_`), so a wrong type or an unknown key
+is refused by Hydra while composing. `validate` then checks what types cannot express
 (ranges, choices, importable targets) and raises a one-line `ConfigError`.
 """
 
@@ -124,17 +124,18 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
-    for group, name, node in [
-        ("dataset", "dataset", DatasetConfig),
-        ("optimizer", "adam", AdamConfig),
-        ("optimizer", "adamw", AdamWConfig),
-        ("optimizer", "sgd", SGDConfig),
-        ("optimizer", "rmsprop", RMSpropConfig),
-        ("precision", "precision", PrecisionConfig),
-        ("trainer", "trainer", TrainerConfig),
-        ("mlflow", "mlflow", MLflowConfig),
+    # Stored outside any group, so `--help` lists only the options users pick from.
+    for name, node in [
+        ("dataset_schema", DatasetConfig),
+        ("optimizer_adam_schema", AdamConfig),
+        ("optimizer_adamw_schema", AdamWConfig),
+        ("optimizer_sgd_schema", SGDConfig),
+        ("optimizer_rmsprop_schema", RMSpropConfig),
+        ("precision_schema", PrecisionConfig),
+        ("trainer_schema", TrainerConfig),
+        ("mlflow_schema", MLflowConfig),
     ]:
-        store.store(group=f"schema/{group}", name=name, node=node)
+        store.store(name=name, node=node)
 
 
 register_schemas()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from omegaconf import DictConfig
@@ -72,7 +73,7 @@ def load(cfg: DictConfig, seed: int) -> Splits:
     image_feature, label_feature = info.features[image_key], info.features[label_key]
     input_spec = InputSpec(
         shape=tuple(int(d) for d in image_feature.shape),
-        dtype=tf.as_dtype(image_feature.dtype).name,
+        dtype=np.dtype(image_feature.np_dtype).name,
         num_classes=int(label_feature.num_classes),
     )
 

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import cli, config  # noqa: F401  (config registers the schemas Hydra composes with)
 from pipeline.errors import ConfigError, DatasetError, PipelineError
 
+# TensorFlow's C++ INFO lines (CUDA probing, CPU features) are noise for users; keep warnings.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 log = logging.getLogger("pipeline.evaluate")
 
 
@@ -32,7 +34,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """
     if OmegaConf.is_missing(cfg, "model") or not cfg.model.strip():
         raise ConfigError("model is missing: give an MLflow model URI, e.g. model=models:/digits-mlp@champion")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     import mlflow
     import numpy as np
     import tensorflow_datasets as tfds

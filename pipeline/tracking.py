@@ -8,6 +8,7 @@ needed; artifacts go to `./mlruns`).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
 from architectures.common import InputSpec
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,33 @@ def tracking_uri(configured: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def connect(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store (`cfg` is the `mlflow` group) and return the
+    experiment id, creating the experiment if needed.
+
+    Called before any training, so an unreachable server costs seconds, not a trained
+    model: MLflow's own HTTP retries would take minutes to give up.
+    """
+    uri = tracking_uri(cfg.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except requests.RequestException as error:
+            raise PipelineError(
+                f"mlflow.tracking_uri: cannot reach the tracking server at {uri} "
+                f"({type(error).__name__}). Start it, or unset MLFLOW_TRACKING_URI to use "
+                "the local sqlite store"
+            ) from None
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.set_experiment(cfg.experiment_name).experiment_id
+    except Exception as error:  # bad path, unwritable directory, corrupt database, ...
+        reason = " ".join(str(error).split())[:300]
+        raise PipelineError(f"mlflow.tracking_uri: cannot open the MLflow store at {uri}: {reason}") from None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -77,7 +106,7 @@ class RunNames:
 
 @contextlib.contextmanager
 def start_run(
-    cfg: DictConfig, run_name: str, tags: Mapping[str, str], log_file: Path | None = None
+    experiment_id: str, run_name: str, tags: Mapping[str, str], log_file: Path | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """Open the training run and always close it.
 
@@ -85,9 +114,7 @@ def start_run(
     with the reason in the `failure_reason` tag, so no run is ever left RUNNING for the
     next job of a sweep. `log_file` (the job's log) is attached to the run either way.
     """
-    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri))
-    mlflow.set_experiment(cfg.mlflow.experiment_name)
-    run = mlflow.start_run(run_name=run_name, tags=dict(tags))
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
     status = "FAILED"
     try:
         yield run
@@ -124,10 +151,17 @@ def log_config(cfg: DictConfig, overrides: list[str]) -> None:
     mlflow.log_text(OmegaConf.to_yaml(container), "config.yaml")
 
 
+def log_dataset(name: str, version: str, sizes: Mapping[str, int]) -> None:
+    """What the run trained on: TFDS version and the size of each split."""
+    mlflow.log_params({"data.version": f"{name}:{version}"} | {f"data.{role}_examples": n for role, n in sizes.items()})
+
+
 def log_model_summary(model: keras.Model) -> None:
+    """`model_summary.txt` and the parameter count as the `model.parameters` param."""
     lines: list[str] = []
     model.summary(print_fn=lambda line, **_: lines.append(line), line_length=110)
     mlflow.log_text("\n".join(lines), "model_summary.txt")
+    mlflow.log_param("model.parameters", model.count_params())
 
 
 def signature(input_spec: InputSpec) -> ModelSignature:
@@ -150,16 +184,21 @@ def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_
     """
     import tensorflow as tf
 
-    return mlflow.keras.log_model(
-        model,
-        name="model",
-        save_exported_model=True,
-        signature=signature(input_spec),
-        registered_model_name=registered_model_name,
-        # Explicit requirements: inferring them reloads the model in a subprocess.
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
-                          f"mlflow=={mlflow.__version__}"],
-    )
+    # Keras prints every endpoint and captured variable of the export to stdout; keep
+    # that out of the user's terminal and in the debug log.
+    with contextlib.redirect_stdout(io.StringIO()) as export_report:
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            save_exported_model=True,
+            signature=signature(input_spec),
+            registered_model_name=registered_model_name,
+            # Explicit requirements: inferring them reloads the model in a subprocess.
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                              f"mlflow=={mlflow.__version__}"],
+        )
+    log.debug("SavedModel export: %s", export_report.getvalue())
+    return info
 
 
 def promote_if_better(

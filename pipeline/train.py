@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import cli
 from pipeline.config import validate
 
+# TensorFlow's C++ INFO lines (CUDA probing, CPU features) are noise for users; keep warnings.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 log = logging.getLogger("pipeline.train")
 
 
@@ -34,13 +36,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         Final metrics: `train_*` and `val_*` of the last epoch, and `test_*`.
     """
-    validate(cfg)  # before TensorFlow is even imported: a typo costs a second, not ten
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    validate(cfg)  # before any TensorFlow work: a typo costs a second, not a training run
     import keras
     import mlflow
 
     from callbacks.mlflow_logger import MLflowEpochLogger, metric_key
     from pipeline import data, optim, tracking
+
+    experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
 
     # A sweep runs several jobs in one process: start every run from a clean slate.
     keras.backend.clear_session(free_memory=True)
@@ -61,11 +64,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
 
     names = tracking.RunNames.from_config(cfg, _choices())
-    with tracking.start_run(cfg, names.run, names.tags, log_file=_job_log_file()) as run:
+    with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file()) as run:
         tracking.log_config(cfg, _overrides())
+        tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
         tracking.log_model_summary(model)
-        mlflow.log_params({f"data.{role}_examples": n for role, n in splits.sizes.items()}
-                          | {"data.version": str(splits.info.version), "model.parameters": model.count_params()})
 
         callbacks.append(MLflowEpochLogger(run.info.run_id))
         history = model.fit(

@@ -61,3 +61,24 @@ def test_default_config_reaches_target_accuracy(tfds_dir: str, mlflow_store: str
     assert metrics["test_accuracy"] >= 0.95
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
     assert run.data.tags["champion_promoted"] == "true"
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path: Path) -> None:
+    # Port 9 (discard) on loopback: nothing listens there.
+    result = run_module("pipeline.train", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+                        timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: mlflow.tracking_uri: cannot reach the tracking server at http://127.0.0.1:9 (ConnectionError). "
+        "Start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+    )
+    assert "Epoch 1/" not in result.stdout, "no training may start without a place to log it"
+
+
+def test_unopenable_store_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "not_a_dir").write_text("")
+    uri = f"sqlite:///{tmp_path / 'not_a_dir' / 'mlflow.db'}"
+    result = run_module("pipeline.train", f"mlflow.tracking_uri={uri}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: mlflow.tracking_uri: cannot open the MLflow store at {uri}: ")
