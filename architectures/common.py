@@ -30,6 +30,19 @@ class InputSpec:
             raise ValueError(f"InputSpec.num_classes must be >= 2. Received: {self.num_classes}")
 
 
+def image_input(input_spec: InputSpec, name: str = "image") -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """The raw-image `Input` and its rescaled float version, for Functional builders.
+
+    Returns:
+        (inputs, scaled): `inputs` keeps the dataset dtype (e.g. uint8), so the exported
+        signature takes raw images; `scaled` is (B, *input_spec.shape) in [0, 1], in the
+        layers' compute dtype (float32, or bfloat16/float16 under mixed precision).
+    """
+    inputs = keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name=name)
+    scaled = keras.layers.Rescaling(1.0 / input_spec.max_value, name="rescale")(inputs)
+    return inputs, scaled
+
+
 def classifier_head(num_classes: int, name: str = "probabilities") -> keras.layers.Dense:
     """Softmax output kept in float32 under any precision policy, for stable losses and
     a float32 serving signature."""
