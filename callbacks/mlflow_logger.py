@@ -15,6 +15,13 @@ from mlflow.tracking import MlflowClient
 from pipeline.optim import current_learning_rate
 
 
+def nested_layers(model: keras.layers.Layer):
+    """Every layer of `model`, descending into nested models (e.g. ensemble members)."""
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from nested_layers(layer)
+
+
 def metric_key(keras_name: str) -> str:
     """Keras `loss` / `accuracy` -> `train_loss` / `train_accuracy`; `val_*` stays."""
     if keras_name == "learning_rate":
@@ -24,6 +31,10 @@ def metric_key(keras_name: str) -> str:
 
 class MLflowEpochLogger(keras.callbacks.Callback):
     """Log `train_*`, `val_*` and `lr` at step = epoch (0-based) to one MLflow run.
+
+    Also logged, when present: `loss_scale` under float16 loss scaling, and whatever
+    any layer reports through a `logged_values() -> dict[str, float]` method (e.g. a
+    weighted ensemble's learned member weights).
 
     Args:
         run_id: the run to log into.
@@ -41,6 +52,11 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         values = {metric_key(name): float(value) for name, value in (logs or {}).items()}
         # The rate the epoch ended with: the schedule evaluated at the current step.
         values["lr"] = current_learning_rate(self.model.optimizer)
+        if isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer):
+            values["loss_scale"] = float(keras.ops.convert_to_numpy(self.model.optimizer.dynamic_scale))
+        for layer in nested_layers(self.model):
+            if callable(getattr(layer, "logged_values", None)):
+                values.update(layer.logged_values())
         self.client.log_batch(
             self.run_id,
             metrics=[Metric(key, value, timestamp, epoch) for key, value in values.items()],

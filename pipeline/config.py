@@ -21,7 +21,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.errors import ConfigError
 
-PRECISION_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+# "mixed" picks mixed_float16 (with loss scaling) on a GPU and mixed_bfloat16 otherwise.
+PRECISION_POLICIES = ("float32", "mixed", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "cosine")
 
 

@@ -9,7 +9,9 @@ after.
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import numpy as np
 import tensorflow as tf
@@ -49,6 +51,7 @@ def prepared_builder(cfg: DictConfig) -> tfds.core.DatasetBuilder:
             f"Prepare it with `tfds build {cfg.name} --data_dir {builder.data_dir_root}` "
             "or set dataset.prepare=true"
         )
+    _check_download_hosts(builder)
     try:
         builder.download_and_prepare()
     except Exception as error:  # any network or build failure: say what to do instead
@@ -61,6 +64,21 @@ def prepared_builder(cfg: DictConfig) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def _check_download_hosts(builder: tfds.core.DatasetBuilder) -> None:
+    """Fail in seconds, not after TFDS's minutes of retries, when a host is unreachable."""
+    hosts = {(urlparse(url).hostname, urlparse(url).port or (443 if url.startswith("https") else 80))
+             for url in (builder.url_infos or {})}
+    for host, port in sorted(hosts):
+        try:
+            socket.create_connection((host, port), timeout=10).close()
+        except OSError as error:
+            raise DatasetError(
+                f"dataset {builder.name!r} is not prepared in {builder.data_dir} and cannot be downloaded "
+                f"here ({host}: {error}). Prepare it where there is network (`tfds build {builder.name} "
+                f"--data_dir DIR`), copy DIR here and set dataset.data_dir=DIR"
+            ) from None
+
+
 def load(cfg: DictConfig, seed: int) -> Splits:
     """Build the three pipelines for `cfg` (the `dataset` config group).
 
@@ -69,13 +87,7 @@ def load(cfg: DictConfig, seed: int) -> Splits:
     """
     builder = prepared_builder(cfg)
     info = builder.info
-    image_key, label_key = _supervised_keys(info, cfg.name)
-    image_feature, label_feature = info.features[image_key], info.features[label_key]
-    input_spec = InputSpec(
-        shape=tuple(int(d) for d in image_feature.shape),
-        dtype=np.dtype(image_feature.np_dtype).name,
-        num_classes=int(label_feature.num_classes),
-    )
+    input_spec = input_spec_of(info)
 
     num_train = info.splits["train"].num_examples
     num_val = round(num_train * cfg.val_fraction)
@@ -95,9 +107,9 @@ def load(cfg: DictConfig, seed: int) -> Splits:
 
     batch = cfg.batch_size
     return Splits(
-        train=_batched(raw["train"], batch, cfg.cache, shuffle_buffer=cfg.shuffle_buffer, seed=seed),
-        val=_batched(raw["val"], batch, cfg.cache) if num_val else None,
-        test=_batched(raw["test"], batch, cfg.cache),
+        train=batched(raw["train"], batch, cfg.cache, shuffle_buffer=cfg.shuffle_buffer, seed=seed),
+        val=batched(raw["val"], batch, cfg.cache) if num_val else None,
+        test=batched(raw["test"], batch, cfg.cache),
         input_spec=input_spec,
         sizes=sizes,
         steps_per_epoch=math.ceil(sizes["train"] / batch),
@@ -105,14 +117,20 @@ def load(cfg: DictConfig, seed: int) -> Splits:
     )
 
 
-def _supervised_keys(info: tfds.core.DatasetInfo, name: str) -> tuple[str, str]:
+def input_spec_of(info: tfds.core.DatasetInfo) -> InputSpec:
+    """What a builder needs from a TFDS dataset with (image, label) supervised keys."""
     keys = info.supervised_keys
     if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
-        raise DatasetError(f"dataset {name!r} has no (image, label) supervised keys")
-    return keys[0], keys[1]
+        raise DatasetError(f"dataset {info.name!r} has no (image, label) supervised keys")
+    image, label = info.features[keys[0]], info.features[keys[1]]
+    return InputSpec(
+        shape=tuple(int(d) for d in image.shape),
+        dtype=np.dtype(image.np_dtype).name,
+        num_classes=int(label.num_classes),
+    )
 
 
-def _batched(
+def batched(
     ds: tf.data.Dataset,
     batch_size: int,
     cache: bool,

@@ -92,11 +92,12 @@ class RunNames:
     tags: dict[str, str]
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, choices: Mapping[str, str]) -> RunNames:
+    def from_config(cls, cfg: DictConfig, choices: Mapping[str, str], precision: str) -> RunNames:
+        """`precision` is the resolved dtype policy (e.g. mixed_bfloat16 for "mixed")."""
         # Under Hydra the group choice ("mlp") names the architecture; without it, the
         # builder's module does (architectures.mlp.build -> "mlp").
         architecture = choices.get("architecture") or cfg.architecture._target_.split(".")[-2]
-        dataset, precision = cfg.dataset.name, cfg.precision.policy
+        dataset = cfg.dataset.name
         return cls(
             run=cfg.mlflow.run_name or f"{architecture}-{dataset}-{precision}",
             model=cfg.mlflow.registered_model_name or f"{dataset}-{architecture}",

@@ -41,13 +41,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import mlflow
 
     from callbacks.mlflow_logger import MLflowEpochLogger, metric_key
-    from pipeline import data, optim, tracking
-
-    experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
+    from pipeline import data, optim, precision, tracking
 
     # A sweep runs several jobs in one process: start every run from a clean slate.
     keras.backend.clear_session(free_memory=True)
-    keras.mixed_precision.set_global_policy(cfg.precision.policy)
+    policy = precision.resolve(cfg.precision.policy)
+    keras.mixed_precision.set_global_policy(policy)
+    log.info("precision: %s (configured: %s)", policy, cfg.precision.policy)
     keras.utils.set_random_seed(cfg.seed)
 
     splits = data.load(cfg.dataset, seed=cfg.seed)
@@ -63,9 +63,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
 
-    names = tracking.RunNames.from_config(cfg, _choices())
+    experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
+
+    names = tracking.RunNames.from_config(cfg, _choices(), policy)
     with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file()) as run:
         tracking.log_config(cfg, _overrides())
+        mlflow.log_param("precision.resolved_policy", policy)
         tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
         tracking.log_model_summary(model)
 
