@@ -14,20 +14,32 @@ class InputSpec:
     Args:
         shape: one example's image shape, e.g. (8, 8, 1) for digits, (28, 28, 1) for MNIST.
         dtype: the raw image dtype the model will receive, e.g. "uint8".
-        num_classes: size of the softmax output.
+        num_classes: size of the softmax output of a single-label dataset; 0 when the
+            dataset has several labels (see `heads`).
         max_value: largest raw pixel value; the model rescales by 1 / max_value.
+        features: length of the numeric `features` input of a multimodal dataset; 0 for
+            datasets of images only.
+        heads: (label name, number of classes) of each label of a multi-label dataset,
+            e.g. (("binary", 2), ("category", 3)); empty for single-label datasets.
     """
 
     shape: tuple[int, ...]
     dtype: str = "uint8"
     num_classes: int = 10
     max_value: float = 255.0
+    features: int = 0
+    heads: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.shape or any(int(d) < 1 for d in self.shape):
             raise ValueError(f"InputSpec.shape must be non-empty and positive. Received: {self.shape}")
-        if self.num_classes < 2:
+        if not self.heads and self.num_classes < 2:
             raise ValueError(f"InputSpec.num_classes must be >= 2. Received: {self.num_classes}")
+
+    @property
+    def multimodal(self) -> bool:
+        """Images plus numeric features in, several labels out."""
+        return self.features > 0 or bool(self.heads)
 
 
 def image_input(input_spec: InputSpec, name: str = "image") -> tuple[keras.KerasTensor, keras.KerasTensor]:

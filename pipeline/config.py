@@ -24,6 +24,8 @@ from pipeline.errors import ConfigError
 # "mixed" picks mixed_float16 (with loss scaling) on a GPU and mixed_bfloat16 otherwise.
 PRECISION_POLICIES = ("float32", "mixed", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "cosine")
+# Keys of an architecture config that go to `model.compile`, not to its builder.
+RESERVED_ARCHITECTURE_KEYS = ("compile",)
 
 
 @dataclass
@@ -175,6 +177,9 @@ def validate(cfg: DictConfig) -> None:
     _check_target(cfg, "optimizer")
     builder = _check_target(cfg, "architecture")
     _check_keywords(cfg, "architecture", builder, runtime_args=1)
+    compile_args = cfg.architecture.get("compile")
+    if compile_args is not None and not (isinstance(compile_args, DictConfig) and "loss" in compile_args):
+        raise ConfigError(f"architecture.compile must be a mapping with a `loss`. Received: {compile_args!r}")
     for key, value in cfg.architecture.items():
         if "dropout" in str(key) and not (isinstance(value, (int, float)) and 0 <= value < 1):
             raise ConfigError(f"architecture.{key} must be in [0, 1). Received: {value!r}")
@@ -209,7 +214,7 @@ def _check_keywords(cfg: DictConfig, key: str, function: Callable[..., Any], run
         return
     accepted = {p.name for p in parameters}
     for name in cfg[key]:
-        if not str(name).startswith("_") and name not in accepted:
+        if not str(name).startswith("_") and name not in accepted and name not in RESERVED_ARCHITECTURE_KEYS:
             raise ConfigError(
                 f"{key}.{name} is not a hyperparameter of {cfg[key]._target_}. "
                 f"Accepted: {', '.join(sorted(accepted))}"

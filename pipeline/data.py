@@ -118,16 +118,27 @@ def load(cfg: DictConfig, seed: int) -> Splits:
 
 
 def input_spec_of(info: tfds.core.DatasetInfo) -> InputSpec:
-    """What a builder needs from a TFDS dataset with (image, label) supervised keys."""
+    """What a builder needs from a TFDS dataset's supervised keys: either (image, label),
+    or ({"image", "features"}, {label name: label}) for a multimodal dataset."""
     keys = info.supervised_keys
-    if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
-        raise DatasetError(f"dataset {info.name!r} has no (image, label) supervised keys")
-    image, label = info.features[keys[0]], info.features[keys[1]]
-    return InputSpec(
-        shape=tuple(int(d) for d in image.shape),
-        dtype=np.dtype(image.np_dtype).name,
-        num_classes=int(label.num_classes),
-    )
+    if not keys or len(keys) != 2:
+        raise DatasetError(f"dataset {info.name!r} has no (inputs, labels) supervised keys")
+    inputs, labels = keys
+    if isinstance(inputs, str) and isinstance(labels, str):
+        image = info.features[inputs]
+        return InputSpec(shape=tuple(int(d) for d in image.shape), dtype=np.dtype(image.np_dtype).name,
+                         num_classes=int(info.features[labels].num_classes))
+    if isinstance(inputs, dict) and isinstance(labels, dict) and set(inputs) == {"image", "features"}:
+        image, features = info.features[inputs["image"]], info.features[inputs["features"]]
+        return InputSpec(
+            shape=tuple(int(d) for d in image.shape),
+            dtype=np.dtype(image.np_dtype).name,
+            num_classes=0,
+            features=int(features.shape[-1]),
+            heads=tuple((name, int(info.features[key].num_classes)) for name, key in labels.items()),
+        )
+    raise DatasetError(f"dataset {info.name!r}: supervised keys {keys} are neither (image, label) "
+                       "nor ({image, features}, {labels})")
 
 
 def batched(
@@ -138,7 +149,7 @@ def batched(
     seed: int | None = None,
 ) -> tf.data.Dataset:
     # Images stay in their raw dtype: the model rescales them, so the same model serves
-    # raw images after export.
+    # raw images after export. Multimodal elements are ({image, features}, {labels}).
     if cache:
         ds = ds.cache()  # decoded examples in memory: decode once, not every epoch
     if shuffle_buffer:

@@ -24,13 +24,14 @@ log = logging.getLogger("pipeline.evaluate")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Accuracy and cross-entropy of `cfg.model` on `cfg.dataset.name[cfg.split]`.
+    """Accuracy and cross-entropy of `cfg.model` on `cfg.dataset.name[cfg.split]`, per label.
 
     Args:
         cfg: the composed `conf/evaluate.yaml`.
 
     Returns:
-        {"accuracy": ..., "loss": ..., "examples": ...}
+        {"accuracy", "loss", "examples"}; for a multi-label dataset, `<head>_accuracy`
+        and `<head>_loss` per label instead of the first two.
     """
     if OmegaConf.is_missing(cfg, "model") or not cfg.model.strip():
         raise ConfigError("model is missing: give an MLflow model URI, e.g. model=models:/digits-mlp@champion")
@@ -53,32 +54,49 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     except Exception as error:  # TFDS raises several types for a bad split expression
         raise DatasetError(f"split: {cfg.split!r} is not a split of {cfg.dataset.name!r}: {error}") from None
 
-    probabilities, labels = [], []
-    for images, batch_labels in tfds.as_numpy(split.batch(cfg.dataset.batch_size)):
-        probabilities.append(np.asarray(model.predict(images), dtype=np.float64))
-        labels.append(batch_labels)
-    if not labels:
+    # Accumulate per head: a single-label dataset has one unnamed head.
+    correct: dict[str, float] = {}
+    log_loss: dict[str, float] = {}
+    examples = 0
+    for inputs, labels in tfds.as_numpy(split.batch(cfg.dataset.batch_size)):
+        outputs = model.predict(inputs)
+        if not isinstance(outputs, dict):
+            outputs, labels = {"": outputs}, {"": labels}
+        for head, probabilities in outputs.items():
+            hits, nll = _score(np.asarray(probabilities, dtype=np.float64), labels[head])
+            correct[head] = correct.get(head, 0.0) + hits
+            log_loss[head] = log_loss.get(head, 0.0) + nll
+        examples += len(next(iter(labels.values())))
+    if not examples:
         raise DatasetError(f"split: {cfg.dataset.name}[{cfg.split}] is empty")
-    probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
 
-    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0)
-    metrics = {
-        "accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
-        "loss": float(-np.mean(np.log(picked))),
-        "examples": float(len(labels)),
-    }
-    print(
-        f"{cfg.model} on {cfg.dataset.name}[{cfg.split}] ({len(labels)} examples): "
-        f"accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}",
-        flush=True,
-    )
+    metrics = {"examples": float(examples)}
+    for head in correct:
+        prefix = f"{head}_" if head else ""
+        metrics[f"{prefix}accuracy"] = correct[head] / examples
+        metrics[f"{prefix}loss"] = log_loss[head] / examples
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")
+    print(f"{cfg.model} on {cfg.dataset.name}[{cfg.split}] ({examples} examples): {summary}", flush=True)
     return metrics
+
+
+def _score(probabilities, labels) -> tuple[float, float]:
+    """(number correct, summed cross-entropy) of one head: a 1-unit sigmoid or a softmax."""
+    import numpy as np
+
+    labels = np.asarray(labels).reshape(-1)
+    if probabilities.shape[-1] == 1:
+        p = probabilities[:, 0]
+        predicted, picked = (p > 0.5).astype(labels.dtype), np.where(labels == 1, p, 1.0 - p)
+    else:
+        predicted, picked = probabilities.argmax(axis=1), probabilities[np.arange(len(labels)), labels]
+    return float(np.sum(predicted == labels)), float(-np.sum(np.log(np.clip(picked, 1e-12, 1.0))))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="evaluate")
 @cli.task
-def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)["accuracy"]
+def main(cfg: DictConfig) -> dict[str, float]:
+    return evaluate(cfg)
 
 
 def cli_main() -> None:

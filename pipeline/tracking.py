@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
+import warnings
 import logging
 import os
 import sys
@@ -168,36 +170,71 @@ def log_model_summary(model: keras.Model) -> None:
 def signature(input_spec: InputSpec) -> ModelSignature:
     """Raw images in, float32 probabilities out.
 
-    The input TensorSpec is deliberately unnamed: with a named one, MLflow 3.17's pyfunc
-    passes `{name: array}` to the SavedModel's `serve` endpoint, which then fails.
+    A single image input is deliberately unnamed: with a named TensorSpec, MLflow 3.17's
+    pyfunc passes `{name: array}` to the SavedModel's `serve` endpoint, which then fails.
+    Multimodal models take and return dicts, so their specs are named.
     """
+    image = (-1, *input_spec.shape)
+    if not input_spec.multimodal:
+        return ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(input_spec.dtype), image)]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, input_spec.num_classes))]),
+        )
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(input_spec.dtype), (-1, *input_spec.shape))]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, input_spec.num_classes))]),
+        inputs=Schema([TensorSpec(np.dtype(input_spec.dtype), image, "image"),
+                       TensorSpec(np.dtype("float32"), (-1, input_spec.features), "features")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, 1 if classes == 2 else classes), name)
+                        for name, classes in input_spec.heads]),
     )
 
 
 def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_name: str | None) -> ModelInfo:
     """Log `model` as a SavedModel (`serve` endpoint) and optionally register it.
 
+    Single-input models go through `mlflow.keras` (flavors keras + pyfunc). Multimodal
+    models are exported here with a dict-input endpoint and served by
+    `pipeline/serving.py` as a pyfunc model from code. Either way, reloading needs
+    TensorFlow and MLflow only.
+
     No `input_example`: mlflow.keras 3.17 writes it before creating the model directory
     and fails (mlflow/mlflow#16183); the signature carries the shapes and dtypes.
     """
     import tensorflow as tf
 
-    # Keras prints every endpoint and captured variable of the export to stdout; keep
+    common = {
+        "name": "model",
+        "signature": signature(input_spec),
+        "registered_model_name": registered_model_name,
+        # Explicit requirements: inferring them reloads the model in a subprocess.
+        "pip_requirements": [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                             f"mlflow=={mlflow.__version__}"],
+    }
+    # Keras prints every endpoint and captured variable of an export to stdout; keep
     # that out of the user's terminal and in the debug log.
-    with contextlib.redirect_stdout(io.StringIO()) as export_report:
-        info = mlflow.keras.log_model(
-            model,
-            name="model",
-            save_exported_model=True,
-            signature=signature(input_spec),
-            registered_model_name=registered_model_name,
-            # Explicit requirements: inferring them reloads the model in a subprocess.
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
-                              f"mlflow=={mlflow.__version__}"],
-        )
+    with (contextlib.redirect_stdout(io.StringIO()) as export_report, tempfile.TemporaryDirectory() as tmp,
+          warnings.catch_warnings()):
+        if not input_spec.multimodal:
+            info = mlflow.keras.log_model(model, save_exported_model=True, **common)
+        else:
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint(
+                name="serve",
+                fn=lambda inputs: model(inputs, training=False),
+                input_signature=[{
+                    "image": tf.TensorSpec((None, *input_spec.shape), input_spec.dtype),
+                    "features": tf.TensorSpec((None, input_spec.features), tf.float32),
+                }],
+            )
+            archive.write_out(f"{tmp}/saved_model")
+            # MLflow suggests type hints and an input example; the explicit tensor
+            # signature already validates inputs, and the example is mlflow#16183 above.
+            warnings.filterwarnings("ignore", message=".*(type hints|input example was not provided).*")
+            info = mlflow.pyfunc.log_model(
+                python_model=str(Path(__file__).with_name("serving.py")),
+                artifacts={"saved_model": f"{tmp}/saved_model"},
+                **common,
+            )
     log.debug("SavedModel export: %s", export_report.getvalue())
     return info
 
@@ -241,6 +278,12 @@ def register_champion(cfg: DictConfig, name: str, model_info: ModelInfo, metrics
     `model_info.registered_model_version` of `name` if it beats the current champion;
     tag the active run with the outcome."""
     version = str(model_info.registered_model_version)
+    if cfg.champion_metric not in metrics:
+        log.warning("@%s not moved: mlflow.champion_metric=%s was not computed; available: %s",
+                    cfg.champion_alias, cfg.champion_metric, ", ".join(sorted(metrics)))
+        mlflow.set_tags({"registered_model": f"{name}/{version}",
+                         f"{cfg.champion_alias}_promoted": f"skipped: no metric {cfg.champion_metric}"})
+        return False
     promoted, previous = promote_if_better(
         MlflowClient(), name, version, cfg.champion_alias, cfg.champion_metric,
         metrics[cfg.champion_metric], greater_is_better=cfg.champion_mode == "max",

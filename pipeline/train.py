@@ -12,15 +12,23 @@ bottom only reports errors and hands the optimized metric to sweepers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
-from pipeline.config import validate
+from pipeline.config import RESERVED_ARCHITECTURE_KEYS, validate
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import keras
+
+    from architectures import InputSpec
 
 # TensorFlow's C++ INFO lines (CUDA probing, CPU features) are noise for users; keep warnings.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -53,11 +61,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     splits = data.load(cfg.dataset, seed=cfg.seed)
     log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
 
-    model = hydra.utils.instantiate(cfg.architecture, _partial_=True)(splits.input_spec)
+    model = build_model(cfg, splits.input_spec)
     model.compile(
         optimizer=optim.build(cfg.optimizer, splits.steps_per_epoch, cfg.trainer.epochs),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        **compile_args(cfg.architecture),
         steps_per_execution=cfg.trainer.steps_per_execution,
         jit_compile=cfg.trainer.jit_compile,
     )
@@ -92,6 +99,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def build_model(cfg: DictConfig, input_spec: InputSpec) -> keras.Model:
+    """Call the architecture's builder; a model that cannot fit the data is a config error."""
+    architecture = _choices().get("architecture", cfg.architecture._target_)
+    builder_args = {k: v for k, v in cfg.architecture.items() if k not in RESERVED_ARCHITECTURE_KEYS}
+    try:
+        model = hydra.utils.instantiate(builder_args, _partial_=True, _convert_="all")(input_spec)
+    except ValueError as error:  # builders explain bad hyperparameters and inputs this way
+        raise ConfigError(f"architecture={architecture} with dataset={cfg.dataset.name}: {error}") from None
+    if input_spec.multimodal and len(model.inputs) == 1:
+        raise ConfigError(
+            f"architecture={architecture} takes images only, but dataset={cfg.dataset.name} has image and "
+            f"features inputs and labels {[name for name, _ in input_spec.heads]}: use architecture=multi_io"
+        )
+    return model
+
+
+def compile_args(architecture: DictConfig) -> dict:
+    """Loss, loss weights and metrics: the architecture's `compile` block (per output
+    head), else sparse categorical cross-entropy and accuracy for one softmax output."""
+    if architecture.get("compile") is None:
+        return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+    return OmegaConf.to_container(architecture.compile, resolve=True)
+
+
 def _choices() -> dict[str, str]:
     """The option chosen in each config group (e.g. architecture -> mlp), under Hydra."""
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
@@ -114,7 +145,10 @@ def _overrides() -> list[str]:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
 @cli.task
 def main(cfg: DictConfig) -> float:
-    return train(cfg)[cfg.optimized_metric]
+    metrics = train(cfg)
+    if cfg.optimized_metric not in metrics:
+        log.warning("optimized_metric %r was not computed; available: %s", cfg.optimized_metric, sorted(metrics))
+    return metrics.get(cfg.optimized_metric, math.nan)
 
 
 def cli_main() -> None:

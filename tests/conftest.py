@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,3 +84,65 @@ class FailAtEpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         raise RuntimeError(f"injected failure after epoch {epoch}")
+
+
+def reload_without_project(tmp_path: Path, script: str, *args: str) -> dict:
+    """Run `script` in a fresh interpreter that refuses to import this project's
+    packages, after `REFUSE_PROJECT` has loaded the MLflow model `args[1]` from the
+    tracking URI `args[0]`; return the JSON the script prints last."""
+    result = subprocess.run([sys.executable, "-c", REFUSE_PROJECT + script, *args],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# Reloading needs only TensorFlow, MLflow (and here NumPy, scikit-learn or TFDS for the
+# data): any import of this project's packages fails.
+REFUSE_PROJECT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class RefuseProject(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"pipeline", "architectures", "callbacks", "conf"}:
+                raise ImportError(f"project module {name} imported")
+            return None
+
+    sys.meta_path.insert(0, RefuseProject())
+    import mlflow
+    import numpy as np
+    mlflow.set_tracking_uri(sys.argv[1])
+    model = mlflow.pyfunc.load_model(sys.argv[2])
+    """
+)
+
+# The digits test split by its contract: every fifth scikit-learn digit, pixels * 255 / 16;
+# argv[3], if given, receives the probabilities (.npy).
+SCORE_DIGITS = textwrap.dedent(
+    """
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    test = np.arange(len(digits.target)) % 5 == 0
+    probabilities = np.asarray(model.predict(np.round(digits.images[test] * 255 / 16).astype(np.uint8)[..., None]))
+    if len(sys.argv) > 3:
+        np.save(sys.argv[3], probabilities)
+    print(json.dumps({"accuracy": float(np.mean(probabilities.argmax(1) == digits.target[test])),
+                      "dtype": str(probabilities.dtype), "shape": list(probabilities.shape)}))
+    """
+)
+
+# The prepared synthetic test split, read with TFDS alone (no builder code needed).
+SCORE_MULTIMODAL = textwrap.dedent(
+    """
+    import tensorflow_datasets as tfds
+    test = tfds.builder_from_directory(sys.argv[3]).as_dataset(split="test", as_supervised=True)
+    inputs, labels = next(iter(tfds.as_numpy(test.batch(100_000))))
+    outputs = model.predict(inputs)
+    print(json.dumps({
+        "shapes": {k: list(v.shape) for k, v in outputs.items()},
+        "dtypes": {k: str(v.dtype) for k, v in outputs.items()},
+        "binary_accuracy": float(np.mean((outputs["binary"][:, 0] > 0.5) == labels["binary"])),
+        "category_accuracy": float(np.mean(outputs["category"].argmax(1) == labels["category"])),
+    }))
+    """
+)

@@ -3,56 +3,19 @@ and the registered SavedModel reloaded in a fresh process that cannot import thi
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import ModelCapture, compose_config
+from conftest import SCORE_DIGITS, ModelCapture, compose_config, reload_without_project
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import promote_if_better
 from pipeline.train import train
-
-# Runs in a fresh interpreter that refuses to import this project's packages: only
-# TensorFlow, MLflow and scikit-learn. Scores the test split exactly as the dataset
-# contract defines it (every fifth scikit-learn digit, pixels * 255 / 16).
-STANDALONE_SCORER = textwrap.dedent(
-    """
-    import json, sys
-    import importlib.abc
-
-    class RefuseProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"pipeline", "architectures", "callbacks", "conf"}:
-                raise ImportError(f"project module {name} imported")
-            return None
-
-    sys.meta_path.insert(0, RefuseProject())
-    import mlflow
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    mlflow.set_tracking_uri(sys.argv[1])
-    model = mlflow.pyfunc.load_model(sys.argv[2])
-    digits = load_digits()
-    test = np.arange(len(digits.target)) % 5 == 0
-    images = np.round(digits.images[test] * 255 / 16).astype(np.uint8)[..., None]
-    probabilities = np.asarray(model.predict(images))
-    np.save(sys.argv[3], probabilities)
-    print(json.dumps({
-        "accuracy": float(np.mean(probabilities.argmax(1) == digits.target[test])),
-        "dtype": str(probabilities.dtype),
-        "shape": list(probabilities.shape),
-    }))
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def trained(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
@@ -148,12 +111,7 @@ def test_saved_model_signature(trained) -> None:
 def test_registered_model_reloads_without_project_code(trained) -> None:
     uri, metrics, _, model, tmp = trained
     out = tmp / "probabilities.npy"
-    result = subprocess.run(
-        [sys.executable, "-c", STANDALONE_SCORER, uri, "models:/digits-mlp@champion", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = reload_without_project(tmp, SCORE_DIGITS, uri, "models:/digits-mlp@champion", str(out))
     assert report["dtype"] == "float32" and report["shape"] == [360, 10]
     # The same 360 images the pipeline tested on, so the same accuracy to the example.
     assert report["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)

@@ -1,0 +1,72 @@
+"""`python -m pipeline.train architecture=NAME`, as a user types it, for every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SCORE_DIGITS, SCORE_MULTIMODAL, reload_without_project, run_module
+from mlflow.tracking import MlflowClient
+
+SINGLE_INPUT = sorted(p.stem for p in (REPO / "conf" / "architecture").glob("*.yaml") if p.stem != "multi_io")
+
+
+def finished_run(tmp_path: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return client, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SINGLE_INPUT)
+def test_each_family_trains_from_the_command_line(name: str, tfds_dir: str, tmp_path: Path) -> None:
+    result = run_module("pipeline.train", f"architecture={name}", "trainer.epochs=1",
+                        f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, run = finished_run(tmp_path, "digits")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["architecture"] == name
+    assert run.data.tags["registered_model"] == f"digits-{name}/1"
+
+
+@pytest.mark.slow
+def test_resnet_mixed_precision_registers_a_float32_model(tfds_dir: str, tmp_path: Path) -> None:
+    result = run_module("pipeline.train", "architecture=resnet", "precision=mixed", "trainer.epochs=1",
+                        f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, run = finished_run(tmp_path, "digits")
+    assert run.data.params["precision.policy"] == "mixed"
+    assert run.data.params["precision.resolved_policy"] == "mixed_bfloat16"  # no GPU here
+    assert run.data.tags["precision"] == "mixed_bfloat16"
+    assert run.info.run_name == "resnet-digits-mixed_bfloat16"
+
+
+@pytest.mark.slow
+def test_resnet_mixed_reloads_as_float32_without_project_code(tfds_dir: str, tmp_path: Path) -> None:
+    result = run_module("pipeline.train", "architecture=resnet", "precision=mixed", "trainer.epochs=1",
+                        f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, run = finished_run(tmp_path, "digits")
+    report = reload_without_project(tmp_path, SCORE_DIGITS, f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                    "models:/digits-resnet@champion")
+    assert report["dtype"] == "float32" and report["shape"] == [360, 10]
+    assert report["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_multi_io_trains_and_reloads_without_project_code(tfds_dir: str, tmp_path: Path) -> None:
+    result = run_module("pipeline.train", "architecture=multi_io", "dataset=synthetic_multimodal",
+                        "mlflow.champion_metric=test_category_accuracy", f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, run = finished_run(tmp_path, "synthetic_multimodal")
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["test_binary_accuracy"] >= 0.9 and metrics["test_category_accuracy"] >= 0.9, metrics
+
+    report = reload_without_project(tmp_path, SCORE_MULTIMODAL, f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                    "models:/synthetic_multimodal-multi_io@champion",
+                                    f"{tfds_dir}/synthetic_multimodal/1.0.0")
+    assert report["shapes"] == {"binary": [1000, 1], "category": [1000, 3]}
+    assert report["dtypes"] == {"binary": "float32", "category": "float32"}
+    assert report["binary_accuracy"] == pytest.approx(metrics["test_binary_accuracy"], abs=1e-6)
+    assert report["category_accuracy"] == pytest.approx(metrics["test_category_accuracy"], abs=1e-6)
