@@ -19,6 +19,10 @@ import keras
 
 from architectures.common import InputSpec, check_dropout, check_units, image_input
 
+# Takes a multimodal InputSpec (image + `features`, named `heads`); the pipeline refuses
+# to pair a multimodal dataset with any architecture module that does not say so.
+MULTIMODAL = True
+
 
 def build(
     input_spec: InputSpec,

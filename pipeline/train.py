@@ -11,6 +11,7 @@ bottom only reports errors and hands the optimized metric to sweepers.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -102,17 +103,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def build_model(cfg: DictConfig, input_spec: InputSpec) -> keras.Model:
     """Call the architecture's builder; a model that cannot fit the data is a config error."""
     architecture = _choices().get("architecture", cfg.architecture._target_)
-    builder_args = {k: v for k, v in cfg.architecture.items() if k not in RESERVED_ARCHITECTURE_KEYS}
-    try:
-        model = hydra.utils.instantiate(builder_args, _partial_=True, _convert_="all")(input_spec)
-    except ValueError as error:  # builders explain bad hyperparameters and inputs this way
-        raise ConfigError(f"architecture={architecture} with dataset={cfg.dataset.name}: {error}") from None
-    if input_spec.multimodal and len(model.inputs) == 1:
+    module = importlib.import_module(cfg.architecture._target_.rpartition(".")[0])
+    if input_spec.multimodal and not getattr(module, "MULTIMODAL", False):
         raise ConfigError(
             f"architecture={architecture} takes images only, but dataset={cfg.dataset.name} has image and "
             f"features inputs and labels {[name for name, _ in input_spec.heads]}: use architecture=multi_io"
         )
-    return model
+    builder_args = {k: v for k, v in cfg.architecture.items() if k not in RESERVED_ARCHITECTURE_KEYS}
+    try:
+        return hydra.utils.instantiate(builder_args, _partial_=True, _convert_="all")(input_spec)
+    except ValueError as error:  # builders explain bad hyperparameters and inputs this way
+        raise ConfigError(f"architecture={architecture} with dataset={cfg.dataset.name}: {error}") from None
 
 
 def compile_args(architecture: DictConfig) -> dict:

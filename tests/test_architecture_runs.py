@@ -27,6 +27,10 @@ def test_each_family_trains_from_the_command_line(name: str, tfds_dir: str, tmp_
     assert run.info.status == "FINISHED"
     assert run.data.tags["architecture"] == name
     assert run.data.tags["registered_model"] == f"digits-{name}/1"
+    if name == "weighted_ensemble":  # its learned member weights are logged every epoch
+        weights = {k: v for k, v in run.data.metrics.items() if k.startswith("ensemble_weight_")}
+        assert set(weights) == {"ensemble_weight_mlp", "ensemble_weight_dynamic", "ensemble_weight_conditional"}
+        assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.slow

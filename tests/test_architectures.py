@@ -16,6 +16,7 @@ from architectures import InputSpec
 from callbacks.mlflow_logger import nested_layers
 from pipeline import tracking
 from pipeline.config import validate
+from pipeline.errors import ConfigError
 from pipeline.train import build_model, compile_args
 
 DIGITS = InputSpec(shape=(8, 8, 1), dtype="uint8", num_classes=10)
@@ -163,3 +164,21 @@ def test_logged_saved_model_reloads_with_plain_tensorflow(name: str, tmp_path: P
     loaded = tf.saved_model.load(str(saved_model))  # keep it: `serve` alone does not own the variables
     inputs, _ = batch(spec)
     assert_same_predictions(model.predict(inputs, verbose=0), loaded.serve(inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_multi_io_on_an_image_only_dataset_is_a_config_error() -> None:
+    cfg = compose_config(["architecture=multi_io"])
+    with pytest.raises(ConfigError) as error:
+        build_model(cfg, DIGITS)
+    assert str(error.value).startswith(
+        "architecture=multi_io with dataset=digits: multi_io needs a dataset with image and numeric "
+        "`features` inputs and named labels, e.g. dataset=synthetic_multimodal."
+    )
+
+
+def test_image_only_architecture_on_a_multimodal_dataset_is_a_config_error() -> None:
+    cfg = compose_config(["architecture=resnet", "dataset=synthetic_multimodal"])
+    with pytest.raises(ConfigError, match=r"^architecture=resnet takes images only, but "
+                       r"dataset=synthetic_multimodal has image and features inputs and labels "
+                       r"\['binary', 'category'\]: use architecture=multi_io$"):
+        build_model(cfg, MULTIMODAL)

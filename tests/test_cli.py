@@ -82,3 +82,12 @@ def test_unopenable_store_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: mlflow.tracking_uri: cannot open the MLflow store at {uri}: ")
+
+
+def test_architecture_dataset_mismatch_is_one_line(tfds_dir: str, tmp_path: Path) -> None:
+    result = run_module("pipeline.train", "architecture=multi_io", f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
+                        timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: architecture=multi_io with dataset=digits: multi_io needs a dataset with image and numeric")
+    assert not (tmp_path / "mlflow.db").exists(), "a refused config must not touch the store"

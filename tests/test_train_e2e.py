@@ -158,3 +158,15 @@ def test_champion_mode_min_prefers_lower(mlflow_store: str) -> None:
     v1, v2 = (str(client.create_model_version("m", source=f"/tmp/v{i}").version) for i in range(2))
     promote_if_better(client, "m", v1, "best", "test_loss", 0.3, greater_is_better=False)
     assert promote_if_better(client, "m", v2, "best", "test_loss", 0.2, greater_is_better=False) == (True, v1)
+
+
+def test_mixed_float16_trains_with_loss_scaling_and_exports_float32(tfds_dir: str, mlflow_store: str) -> None:
+    cfg = compose_config(["precision=mixed_fp16", "trainer.epochs=1", f"dataset.data_dir={tfds_dir}"])
+    metrics = train(cfg)
+    assert all(np.isfinite(v) for v in metrics.values())
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
+    assert run.data.tags["precision"] == "mixed_float16"
+    assert run.data.metrics["loss_scale"] > 0  # Keras wrapped the optimizer in a LossScaleOptimizer
+    model = mlflow.pyfunc.load_model("models:/digits-mlp@champion")
+    probabilities = model.predict(np.zeros((2, 8, 8, 1), dtype=np.uint8))
+    assert probabilities.dtype == np.float32 and probabilities.shape == (2, 10)

@@ -1,0 +1,88 @@
+"""Train every architecture with its defaults and write the README's architecture table.
+
+    python benchmarks/architecture_table.py            # all families, ~10 min on 2 cores
+    python benchmarks/architecture_table.py mlp resnet # a subset (the table keeps the rest)
+
+Each family trains exactly as `python -m pipeline.train architecture=NAME` would (on
+`digits`; `multi_io` on `synthetic_multimodal`), logging to a throwaway MLflow store.
+The table between the README's `architecture-table` markers is rewritten from the
+measurements; no number in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import pipeline.config  # noqa: F401  (registers the schemas)
+from pipeline.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+START, END = "<!-- architecture-table:start -->", "<!-- architecture-table:end -->"
+DATASET = {"multi_io": "synthetic_multimodal"}
+EXTRA = {"multi_io": ["mlflow.champion_metric=test_category_accuracy"]}
+
+
+def measure(name: str, store: Path) -> dict[str, str]:
+    dataset = DATASET.get(name, "digits")
+    overrides = [f"architecture={name}", f"dataset={dataset}", f"mlflow.tracking_uri=sqlite:///{store}", *EXTRA.get(name, [])]
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # group choices name the run, as under @hydra.main
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg.trainer.verbose = 0
+    started = time.perf_counter()
+    metrics = train(cfg)
+    seconds = time.perf_counter() - started
+    run = mlflow.search_runs(experiment_names=[dataset], order_by=["start_time DESC"], max_results=1,
+                             output_format="list")[0]
+    epochs = len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss"))
+    accuracy = (f"binary {metrics['test_binary_accuracy']:.3f}, category {metrics['test_category_accuracy']:.3f}"
+                if name == "multi_io" else f"{metrics['test_accuracy']:.3f}")
+    return {"architecture": f"`{name}`", "dataset": dataset, "test accuracy": accuracy,
+            "parameters": f"{int(run.data.params['model.parameters']):,}", "epochs run": str(epochs),
+            "run time (s)": f"{seconds:.0f}"}
+
+
+def main(names: list[str]) -> None:
+    names = names or sorted(p.stem for p in (REPO / "conf" / "architecture").glob("*.yaml"))
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            rows[name] = measure(name, Path(tmp) / "mlflow.db")
+            print(" | ".join(rows[name].values()), flush=True)
+    text = README.read_text()
+    before, rest = text.split(START)
+    old_table, after = rest.split(END)
+    # Keep rows of families not measured this time.
+    for line in old_table.strip().splitlines():
+        match = re.match(r"\| `(\w+)` \|", line)
+        if match and match.group(1) not in rows:
+            rows[match.group(1)] = dict(zip(next(iter(rows.values())).keys(), [c.strip() for c in line.strip("|").split("|")]))
+    header = list(next(iter(rows.values())).keys())
+    import keras
+    import tensorflow as tf
+
+    caption = (f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores with TensorFlow "
+               f"{tf.__version__}, Keras {keras.__version__}, default config (early stopping on), by "
+               "`python benchmarks/architecture_table.py`. Run time is the whole run: data, fit, test, "
+               "SavedModel export and registration.\n\n")
+    table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    table += ["| " + " | ".join(rows[name].values()) + " |" for name in sorted(rows)]
+    README.write_text(f"{before}{START}\n{caption}{chr(10).join(table)}\n{END}{after}")
+    print(f"updated {README}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
