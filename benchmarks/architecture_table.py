@@ -19,11 +19,7 @@ import time
 from pathlib import Path
 
 import mlflow
-from hydra import compose, initialize_config_module
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
-import pipeline.config  # noqa: F401  (registers the schemas)
+from pipeline.config import compose
 from pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,12 +32,7 @@ EXTRA = {"multi_io": ["mlflow.champion_metric=test_category_accuracy"]}
 def measure(name: str, store: Path) -> dict[str, str]:
     dataset = DATASET.get(name, "digits")
     overrides = [f"architecture={name}", f"dataset={dataset}", f"mlflow.tracking_uri=sqlite:///{store}", *EXTRA.get(name, [])]
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # group choices name the run, as under @hydra.main
-    with open_dict(cfg):
-        del cfg["hydra"]
-    cfg.trainer.verbose = 0
+    cfg = compose([*overrides, "trainer.verbose=0"])
     started = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - started

@@ -50,7 +50,7 @@ class MLflowEpochLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         timestamp = int(time.time() * 1000)
         values = {metric_key(name): float(value) for name, value in (logs or {}).items()}
-        # The rate the epoch ended with: the schedule evaluated at the current step.
+        # The rate the next step will use: the schedule evaluated at the current step.
         values["lr"] = current_learning_rate(self.model.optimizer)
         if isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer):
             values["loss_scale"] = float(keras.ops.convert_to_numpy(self.model.optimizer.dynamic_scale))

@@ -13,10 +13,11 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.errors import ConfigError
@@ -144,10 +145,30 @@ def register_schemas() -> None:
 register_schemas()
 
 
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` as `@hydra.main` would, for code that calls
+    `train(cfg)` directly (tests, benchmarks, notebooks).
+
+    Like `@hydra.main`, it makes the Hydra config (overrides, group choices) available
+    through `HydraConfig` and returns only the job's own config.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed training config; raise `ConfigError` naming the first bad key.
 
-    Runs in pure Python, before TensorFlow is imported, so a mistake costs a second.
+    The value checks run in pure Python first; only then are the `_target_`s imported
+    (which imports Keras). Either way no data is read and no model is built.
     """
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -167,6 +188,16 @@ def validate(cfg: DictConfig) -> None:
            "must be >= 0 and < trainer.epochs")
     _check(cfg, "optimizer.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]")
     _check(cfg, "optimizer.global_clipnorm", lambda v: v is None or v > 0, "must be > 0 or null")
+    for key, ok, rule in [  # keys that only some optimizers have
+        ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        ("beta_1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        ("beta_2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        ("rho", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        ("epsilon", lambda v: v > 0, "must be > 0"),
+        ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ]:
+        if key in cfg.optimizer:
+            _check(cfg, f"optimizer.{key}", ok, rule)
     _check(cfg, "precision.policy", lambda v: v in PRECISION_POLICIES,
            f"must be one of {PRECISION_POLICIES}")
     _check(cfg, "mlflow.experiment_name", lambda v: bool(v.strip()), "must not be empty")
@@ -185,7 +216,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"architecture.{key} must be in [0, 1). Received: {value!r}")
     for name, callback in cfg.callbacks.items():
         if callback is not None:
-            _check_target(cfg.callbacks, name, prefix="callbacks.")
+            callback_class = _check_target(cfg.callbacks, name, prefix="callbacks.")
+            _check_keywords(cfg.callbacks, name, callback_class, runtime_args=0, prefix="callbacks.")
+    if cfg.dataset.val_fraction == 0:
+        monitors = [str(c.get("monitor", "")) for c in cfg.callbacks.values() if c is not None]
+        needs_val = [m for m in [cfg.optimized_metric, *monitors] if "val_" in m]
+        if needs_val:
+            raise ConfigError(f"dataset.val_fraction must be > 0: {', '.join(needs_val)} needs a validation set. "
+                              "Received: 0.0")
 
 
 def _check(cfg: DictConfig, key: str, ok: Callable[[Any], Any], rule: str) -> None:
@@ -207,8 +245,10 @@ def _check_target(cfg: DictConfig, key: str, prefix: str = "") -> Callable[..., 
         raise ConfigError(f"{prefix}{key}._target_ cannot be imported. Received: {target!r}") from None
 
 
-def _check_keywords(cfg: DictConfig, key: str, function: Callable[..., Any], runtime_args: int) -> None:
-    """Refuse hyperparameters the builder does not accept, naming the key."""
+def _check_keywords(
+    cfg: DictConfig, key: str, function: Callable[..., Any], runtime_args: int, prefix: str = ""
+) -> None:
+    """Refuse keys that `function` (a builder or a class) does not accept, naming the key."""
     parameters = list(inspect.signature(function).parameters.values())[runtime_args:]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
@@ -216,6 +256,6 @@ def _check_keywords(cfg: DictConfig, key: str, function: Callable[..., Any], run
     for name in cfg[key]:
         if not str(name).startswith("_") and name not in accepted and name not in RESERVED_ARCHITECTURE_KEYS:
             raise ConfigError(
-                f"{key}.{name} is not a hyperparameter of {cfg[key]._target_}. "
+                f"{prefix}{key}.{name} is not an argument of {cfg[key]._target_}. "
                 f"Accepted: {', '.join(sorted(accepted))}"
             )

@@ -88,6 +88,10 @@ def load(cfg: DictConfig, seed: int) -> Splits:
     builder = prepared_builder(cfg)
     info = builder.info
     input_spec = input_spec_of(info)
+    missing = {"train", "test"} - set(info.splits)
+    if missing:
+        raise DatasetError(f"dataset {cfg.name!r} has no {' or '.join(sorted(missing))} split "
+                           f"(it has: {', '.join(info.splits)}); this pipeline needs both")
 
     num_train = info.splits["train"].num_examples
     num_val = round(num_train * cfg.val_fraction)
@@ -124,12 +128,19 @@ def input_spec_of(info: tfds.core.DatasetInfo) -> InputSpec:
     if not keys or len(keys) != 2:
         raise DatasetError(f"dataset {info.name!r} has no (inputs, labels) supervised keys")
     inputs, labels = keys
+    image_key = inputs if isinstance(inputs, str) else inputs.get("image") if isinstance(inputs, dict) else None
+    if image_key is None:
+        raise DatasetError(f"dataset {info.name!r}: supervised keys {keys} are neither (image, label) "
+                           "nor ({image, features}, {labels})")
+    image = info.features[image_key]
+    if None in image.shape:
+        raise DatasetError(f"dataset {info.name!r}: images must have a fixed shape; resize them in the "
+                           f"dataset first. Received: {image.shape}")
     if isinstance(inputs, str) and isinstance(labels, str):
-        image = info.features[inputs]
         return InputSpec(shape=tuple(int(d) for d in image.shape), dtype=np.dtype(image.np_dtype).name,
                          num_classes=int(info.features[labels].num_classes))
     if isinstance(inputs, dict) and isinstance(labels, dict) and set(inputs) == {"image", "features"}:
-        image, features = info.features[inputs["image"]], info.features[inputs["features"]]
+        features = info.features[inputs["features"]]
         return InputSpec(
             shape=tuple(int(d) for d in image.shape),
             dtype=np.dtype(image.np_dtype).name,

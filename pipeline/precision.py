@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 def resolve(policy: str) -> str:
     """`mixed` -> `mixed_float16` when a GPU is visible, else `mixed_bfloat16`.
@@ -17,3 +20,18 @@ def resolve(policy: str) -> str:
     import tensorflow as tf
 
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def applied(policy: str) -> Iterator[str]:
+    """Make `resolve(policy)` Keras' global dtype policy inside the block, then restore
+    the previous one, so a run leaves no precision behind for the next."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    resolved = resolve(policy)
+    keras.mixed_precision.set_global_policy(resolved)
+    try:
+        yield resolved
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import tempfile
 import warnings
 import logging
@@ -256,6 +257,8 @@ def promote_if_better(
     Returns:
         (promoted, previous): whether the alias moved, and the version it pointed to.
     """
+    if not math.isfinite(value):  # a diverged run never takes the alias
+        return False, None
     client.set_model_version_tag(name, version, metric, repr(float(value)))
     # Read the alias off the registered model: a missing alias is an error whose code
     # differs between the sqlite store and the REST server.
@@ -265,7 +268,7 @@ def promote_if_better(
         best = current.tags.get(metric)
         if best is None and current.run_id:  # e.g. a version registered by hand
             best = client.get_run(current.run_id).data.metrics.get(metric)
-        if best is not None:
+        if best is not None and math.isfinite(float(best)):  # a non-finite holder is always beaten
             better = value > float(best) if greater_is_better else value < float(best)
             if not better:
                 return False, str(previous)

@@ -43,60 +43,66 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg: the composed `conf/train.yaml`.
 
     Returns:
-        Final metrics: `train_*` and `val_*` of the last epoch, and `test_*`.
+        `train_*` and `val_*` of the last epoch; `final_val_*` and `test_*` of the
+        model as exported (e.g. the best epoch's weights under early stopping).
     """
     validate(cfg)  # before any TensorFlow work: a typo costs a second, not a training run
     import keras
     import mlflow
 
     from callbacks.mlflow_logger import MLflowEpochLogger, metric_key
-    from pipeline import data, optim, precision, tracking
+    from pipeline import data, precision, tracking
 
     # A sweep runs several jobs in one process: start every run from a clean slate.
     keras.backend.clear_session(free_memory=True)
-    policy = precision.resolve(cfg.precision.policy)
-    keras.mixed_precision.set_global_policy(policy)
-    log.info("precision: %s (configured: %s)", policy, cfg.precision.policy)
-    keras.utils.set_random_seed(cfg.seed)
+    with precision.applied(cfg.precision.policy) as policy:
+        log.info("precision: %s (configured: %s)", policy, cfg.precision.policy)
+        keras.utils.set_random_seed(cfg.seed)
 
-    splits = data.load(cfg.dataset, seed=cfg.seed)
-    log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
+        splits = data.load(cfg.dataset, seed=cfg.seed)
+        log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
 
-    model = build_model(cfg, splits.input_spec)
-    model.compile(
-        optimizer=optim.build(cfg.optimizer, splits.steps_per_epoch, cfg.trainer.epochs),
-        **compile_args(cfg.architecture),
-        steps_per_execution=cfg.trainer.steps_per_execution,
-        jit_compile=cfg.trainer.jit_compile,
-    )
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
-
-    experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
-
-    names = tracking.RunNames.from_config(cfg, _choices(), policy)
-    with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file()) as run:
-        tracking.log_config(cfg, _overrides())
-        mlflow.log_param("precision.resolved_policy", policy)
-        tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
-        tracking.log_model_summary(model)
-
-        callbacks.append(MLflowEpochLogger(run.info.run_id))
-        history = model.fit(
-            splits.train,
-            validation_data=splits.val,
-            epochs=cfg.trainer.epochs,
-            shuffle=False,  # the tf.data pipeline shuffles, with the run's seed
-            callbacks=callbacks,
-            verbose=cfg.trainer.verbose,
+        model = build_model(cfg, splits.input_spec)
+        model.compile(
+            optimizer=build_optimizer(cfg, splits.steps_per_epoch),
+            **compile_args(cfg.architecture),
+            steps_per_execution=cfg.trainer.steps_per_execution,
+            jit_compile=cfg.trainer.jit_compile,
         )
-        test = {f"test_{k}": float(v) for k, v in model.evaluate(splits.test, return_dict=True, verbose=0).items()}
-        mlflow.log_metrics(test)
-        log.info("test: %s", {k: round(v, 4) for k, v in test.items()})
-        metrics = {metric_key(k): float(v[-1]) for k, v in history.history.items()} | test
+        callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
 
-        if cfg.mlflow.log_model:
-            model_info = tracking.log_saved_model(model, splits.input_spec, names.model)
-            tracking.register_champion(cfg.mlflow, names.model, model_info, metrics)
+        experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
+
+        names = tracking.RunNames.from_config(cfg, _choices(), policy)
+        with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file()) as run:
+            tracking.log_config(cfg, _overrides())
+            mlflow.log_param("precision.resolved_policy", policy)
+            tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
+            tracking.log_model_summary(model)
+
+            callbacks.append(MLflowEpochLogger(run.info.run_id))
+            history = model.fit(
+                splits.train,
+                validation_data=splits.val,
+                epochs=cfg.trainer.epochs,
+                shuffle=False,  # the tf.data pipeline shuffles, with the run's seed
+                callbacks=callbacks,
+                verbose=cfg.trainer.verbose,
+            )
+            # Score the model as it will be exported: callbacks such as early stopping
+            # may have restored an earlier epoch's weights, so the last epoch's logs
+            # do not describe it.
+            final = {f"test_{k}": float(v) for k, v in model.evaluate(splits.test, return_dict=True, verbose=0).items()}
+            if splits.val is not None:
+                final |= {f"final_val_{k}": float(v)
+                          for k, v in model.evaluate(splits.val, return_dict=True, verbose=0).items()}
+            mlflow.log_metrics(final, step=len(history.epoch))
+            log.info("final: %s", {k: round(v, 4) for k, v in sorted(final.items())})
+            metrics = {metric_key(k): float(v[-1]) for k, v in history.history.items()} | final
+
+            if cfg.mlflow.log_model:
+                model_info = tracking.log_saved_model(model, splits.input_spec, names.model)
+                tracking.register_champion(cfg.mlflow, names.model, model_info, metrics)
     return metrics
 
 
@@ -114,6 +120,16 @@ def build_model(cfg: DictConfig, input_spec: InputSpec) -> keras.Model:
         return hydra.utils.instantiate(builder_args, _partial_=True, _convert_="all")(input_spec)
     except ValueError as error:  # builders explain bad hyperparameters and inputs this way
         raise ConfigError(f"architecture={architecture} with dataset={cfg.dataset.name}: {error}") from None
+
+
+def build_optimizer(cfg: DictConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The configured optimizer; a value Keras refuses is a config error, not a traceback."""
+    from pipeline import optim
+
+    try:
+        return optim.build(cfg.optimizer, steps_per_epoch, cfg.trainer.epochs)
+    except ValueError as error:
+        raise ConfigError(f"optimizer={_choices().get('optimizer', cfg.optimizer._target_)}: {error}") from None
 
 
 def compile_args(architecture: DictConfig) -> dict:

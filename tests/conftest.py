@@ -7,32 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
 from pathlib import Path
 
 import keras
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from pipeline.config import compose as compose_config  # noqa: F401  (the real conf/, as the entry points compose it)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose the real `conf/<config_name>.yaml` as the entry points do.
-
-    Like `@hydra.main`, it makes the Hydra config (overrides, group choices) available
-    through `HydraConfig` and hands the task only the job's own config.
-    """
-    import pipeline.config  # noqa: F401  (registers the schemas)
-
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None,

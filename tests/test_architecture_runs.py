@@ -34,23 +34,15 @@ def test_each_family_trains_from_the_command_line(name: str, tfds_dir: str, tmp_
 
 
 @pytest.mark.slow
-def test_resnet_mixed_precision_registers_a_float32_model(tfds_dir: str, tmp_path: Path) -> None:
-    result = run_module("pipeline.train", "architecture=resnet", "precision=mixed", "trainer.epochs=1",
-                        f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client, run = finished_run(tmp_path, "digits")
-    assert run.data.params["precision.policy"] == "mixed"
-    assert run.data.params["precision.resolved_policy"] == "mixed_bfloat16"  # no GPU here
-    assert run.data.tags["precision"] == "mixed_bfloat16"
-    assert run.info.run_name == "resnet-digits-mixed_bfloat16"
-
-
-@pytest.mark.slow
 def test_resnet_mixed_reloads_as_float32_without_project_code(tfds_dir: str, tmp_path: Path) -> None:
     result = run_module("pipeline.train", "architecture=resnet", "precision=mixed", "trainer.epochs=1",
                         f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _, run = finished_run(tmp_path, "digits")
+    assert run.data.params["precision.policy"] == "mixed"
+    assert run.data.params["precision.resolved_policy"] == "mixed_bfloat16"  # no GPU here
+    assert run.data.tags["precision"] == "mixed_bfloat16"
+    assert run.info.run_name == "resnet-digits-mixed_bfloat16"
     report = reload_without_project(tmp_path, SCORE_DIGITS, f"sqlite:///{tmp_path / 'mlflow.db'}",
                                     "models:/digits-resnet@champion")
     assert report["dtype"] == "float32" and report["shape"] == [360, 10]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,12 @@ def test_evaluate_config_composes() -> None:
         ("seed=-3", "seed must be >= 0. Received: -3"),
         ("architecture._target_=architectures.nope.build",
          "architecture._target_ cannot be imported. Received: 'architectures.nope.build'"),
-        ("+architecture.depth=3", "architecture.depth is not a hyperparameter of architectures.mlp.build"),
+        ("+architecture.depth=3", "architecture.depth is not an argument of architectures.mlp.build"),
+        ("+callbacks.early_stopping.patence=3",
+         "callbacks.early_stopping.patence is not an argument of keras.callbacks.EarlyStopping"),
+        ("optimizer.epsilon=0", "optimizer.epsilon must be > 0. Received: 0.0"),
+        ("optimizer.beta_1=1.5", "optimizer.beta_1 must be in [0, 1). Received: 1.5"),
+        ("dataset.val_fraction=0", "dataset.val_fraction must be > 0: final_val_accuracy, val_loss needs a validation set"),
         ("dataset.name=???", "dataset.name is missing"),
     ],
 )
@@ -80,6 +86,24 @@ def test_validate_names_key_and_value(override: str, message: str) -> None:
         validate(cfg)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum must be in [0, 1). Received: 1.5"),
+        (["optimizer=adamw", "optimizer.weight_decay=-1"], "optimizer.weight_decay must be >= 0. Received: -1.0"),
+        (["optimizer=rmsprop", "optimizer.rho=1"], "optimizer.rho must be in [0, 1). Received: 1.0"),
+        (["dataset.val_fraction=0", "callbacks=none", "optimized_metric=test_accuracy"], None),
+    ],
+)
+def test_validate_optimizer_specific_keys(overrides: list[str], message: str | None) -> None:
+    cfg = compose_config(overrides)
+    if message is None:
+        validate(cfg)  # no validation set is fine when nothing needs one
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg)
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,12 @@ def test_loader_carves_a_fixed_validation_set(tfds_dir: str) -> None:
     again = data.load(cfg.dataset, seed=1)
     np.testing.assert_array_equal(labels(splits.val), labels(again.val))  # same examples, same order
     assert sum(len(y) for _, y in tfds.as_numpy(splits.train)) == 1150
+    def examples(ds) -> set[bytes]:
+        return {image.tobytes() + bytes([label]) for images, ys in tfds.as_numpy(ds) for image, label in zip(images, ys)}
+
+    train, val, test = examples(splits.train), examples(splits.val), examples(splits.test)
+    assert len(train) == 1150 and len(val) == 287 and len(test) == 360  # digits has no duplicates
+    assert not train & val and not train & test and not val & test, "no example may sit in two splits"
     first_epoch, second_epoch = labels(splits.train), labels(splits.train)
     assert not np.array_equal(first_epoch, second_epoch), "train must reshuffle every epoch"
 
