@@ -13,7 +13,7 @@ from typing import Any
 import keras
 
 from architectures.common import InputSpec
-from architectures.members import check_members, member_probabilities
+from architectures.members import ensemble_model
 
 
 def build(
@@ -35,11 +35,7 @@ def build(
         An uncompiled Functional `keras.Model` mapping raw images (B, *shape) to the
         float32 mean of the members' class probabilities (B, num_classes).
     """
-    names, overrides = check_members(members, member_overrides)
-
-    inputs = keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name="image")
-    probabilities = member_probabilities(inputs, input_spec, names, overrides)  # M x (B, num_classes)
     # float32 like every member's head: under mixed precision Average would otherwise
     # cast the probabilities down to bfloat16/float16.
-    outputs = keras.layers.Average(dtype="float32", name="probabilities")(probabilities)
-    return keras.Model(inputs, outputs, name="ensemble")
+    return ensemble_model(input_spec, members, member_overrides,
+                          lambda names: keras.layers.Average(dtype="float32", name="probabilities"), "ensemble")

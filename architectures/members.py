@@ -96,3 +96,24 @@ def member_probabilities(
         member.name = name
         probabilities.append(member(inputs))
     return probabilities
+
+
+def ensemble_model(
+    input_spec: InputSpec,
+    members: Sequence[str],
+    member_overrides: Mapping[str, Mapping[str, Any]],
+    combine: Callable[[list[str]], keras.layers.Layer],
+    name: str,
+) -> keras.Model:
+    """raw images -> every member -> `combine(member names)` -> probabilities.
+
+    Args:
+        input_spec, members, member_overrides: as the ensembles' `build` takes them.
+        combine: makes the layer that merges the M member outputs (B, num_classes) into
+            float32 probabilities (B, num_classes), given the member names.
+        name: the model's name.
+    """
+    names, overrides = check_members(members, member_overrides)
+    inputs = keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name="image")
+    probabilities = member_probabilities(inputs, input_spec, names, overrides)  # M x (B, num_classes)
+    return keras.Model(inputs, combine(names)(probabilities), name=name)

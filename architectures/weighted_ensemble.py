@@ -14,7 +14,7 @@ from typing import Any
 import keras
 
 from architectures.common import InputSpec
-from architectures.members import check_members, member_probabilities
+from architectures.members import ensemble_model
 
 
 @keras.saving.register_keras_serializable(package="architectures")
@@ -78,9 +78,5 @@ def build(
         An uncompiled Functional `keras.Model` mapping raw images (B, *shape) to the
         float32 weighted mean of the members' class probabilities (B, num_classes).
     """
-    names, overrides = check_members(members, member_overrides)
-
-    inputs = keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name="image")
-    probabilities = member_probabilities(inputs, input_spec, names, overrides)  # M x (B, num_classes)
-    outputs = SoftmaxWeightedAverage(names, name="probabilities")(probabilities)
-    return keras.Model(inputs, outputs, name="weighted_ensemble")
+    return ensemble_model(input_spec, members, member_overrides,
+                          lambda names: SoftmaxWeightedAverage(names, name="probabilities"), "weighted_ensemble")
