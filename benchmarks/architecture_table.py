@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import mlflow
+
 from pipeline.config import compose
 from pipeline.train import train
 
@@ -31,7 +32,8 @@ EXTRA = {"multi_io": ["mlflow.champion_metric=test_category_accuracy"]}
 
 def measure(name: str, store: Path) -> dict[str, str]:
     dataset = DATASET.get(name, "digits")
-    overrides = [f"architecture={name}", f"dataset={dataset}", f"mlflow.tracking_uri=sqlite:///{store}", *EXTRA.get(name, [])]
+    overrides = [f"architecture={name}", f"dataset={dataset}", f"mlflow.tracking_uri=sqlite:///{store}",
+                 *EXTRA.get(name, [])]
     cfg = compose([*overrides, "trainer.verbose=0"])
     started = time.perf_counter()
     metrics = train(cfg)
@@ -63,7 +65,8 @@ def main(names: list[str]) -> None:
     for line in old_table.strip().splitlines():
         match = re.match(r"\| `(\w+)` \|", line)
         if match and match.group(1) not in rows:
-            rows[match.group(1)] = dict(zip(next(iter(rows.values())).keys(), [c.strip() for c in line.strip("|").split("|")]))
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[match.group(1)] = dict(zip(next(iter(rows.values())).keys(), cells))
     header = list(next(iter(rows.values())).keys())
     import keras
     import tensorflow as tf

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 from hydra.core.config_store import ConfigStore

@@ -10,7 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 SCHEDULE_KEYS = ("_target_", "lr", "schedule", "warmup_epochs", "min_lr_ratio")
 
 
-def learning_rate(cfg: DictConfig, steps_per_epoch: int, epochs: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+def learning_rate(
+    cfg: DictConfig, steps_per_epoch: int, epochs: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """`cfg.lr` as a constant, or a (warmed-up) cosine decay over the whole run.
 
     Steps are optimizer updates: `steps_per_epoch * epochs` in total.

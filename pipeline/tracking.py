@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
-import tempfile
-import warnings
 import logging
+import math
 import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path

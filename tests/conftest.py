@@ -11,6 +11,7 @@ from pathlib import Path
 
 import keras
 import pytest
+
 from pipeline.config import compose as compose_config  # noqa: F401  (the real conf/, as the entry points compose it)
 
 REPO = Path(__file__).resolve().parents[1]

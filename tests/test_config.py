@@ -76,7 +76,8 @@ def test_evaluate_config_composes() -> None:
          "callbacks.early_stopping.patence is not an argument of keras.callbacks.EarlyStopping"),
         ("optimizer.epsilon=0", "optimizer.epsilon must be > 0. Received: 0.0"),
         ("optimizer.beta_1=1.5", "optimizer.beta_1 must be in [0, 1). Received: 1.5"),
-        ("dataset.val_fraction=0", "dataset.val_fraction must be > 0: final_val_accuracy, val_loss needs a validation set"),
+        ("dataset.val_fraction=0",
+         "dataset.val_fraction must be > 0: final_val_accuracy, val_loss needs a validation set"),
         ("dataset.name=???", "dataset.name is missing"),
     ],
 )

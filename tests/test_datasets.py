@@ -68,7 +68,8 @@ def test_loader_carves_a_fixed_validation_set(tfds_dir: str) -> None:
     np.testing.assert_array_equal(labels(splits.val), labels(again.val))  # same examples, same order
     assert sum(len(y) for _, y in tfds.as_numpy(splits.train)) == 1150
     def examples(ds) -> set[bytes]:
-        return {image.tobytes() + bytes([label]) for images, ys in tfds.as_numpy(ds) for image, label in zip(images, ys)}
+        return {image.tobytes() + bytes([label])
+                for images, ys in tfds.as_numpy(ds) for image, label in zip(images, ys)}
 
     train, val, test = examples(splits.train), examples(splits.val), examples(splits.test)
     assert len(train) == 1150 and len(val) == 287 and len(test) == 360  # digits has no duplicates
@@ -89,7 +90,9 @@ def test_unprepared_dataset_says_how_to_prepare(tmp_path) -> None:
         data.load(cfg.dataset, seed=0)
 
 
-@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+@pytest.mark.parametrize(
+    "name, shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))]
+)
 def test_network_datasets_through_tfds_mock_data(name: str, shape: tuple, tmp_path) -> None:
     # These datasets need a download this machine cannot make, so TFDS's own `mock_data`
     # stands in for the prepared files: the features come from the real builder, the
@@ -99,7 +102,8 @@ def test_network_datasets_through_tfds_mock_data(name: str, shape: tuple, tmp_pa
     spec = data.input_spec_of(builder.info)
     assert spec.shape == shape and spec.dtype == "uint8" and spec.num_classes == 10
     with tfds.testing.mock_data(num_examples=40):
-        raw = tfds.builder(cfg.dataset.name, data_dir=cfg.dataset.data_dir).as_dataset(split="train", as_supervised=True)
+        mocked = tfds.builder(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
+        raw = mocked.as_dataset(split="train", as_supervised=True)
         pipeline = data.batched(raw, cfg.dataset.batch_size, cfg.dataset.cache, cfg.dataset.shuffle_buffer, seed=0)
         images, labels = next(iter(pipeline))
     assert images.dtype == "uint8" and tuple(images.shape) == (40, *shape)

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import promote_if_better
 from pipeline.train import train
 
+
 @pytest.fixture(scope="module")
 def trained(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
     """One real 2-epoch training run; returns (tracking uri, metrics, run, trained model)."""
