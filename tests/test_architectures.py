@@ -182,3 +182,16 @@ def test_image_only_architecture_on_a_multimodal_dataset_is_a_config_error() -> 
                        r"dataset=synthetic_multimodal has image and features inputs and labels "
                        r"\['binary', 'category'\]: use architecture=multi_io$"):
         build_model(cfg, MULTIMODAL)
+
+
+def test_conditional_branches_differ_and_both_train() -> None:
+    models = {}
+    for branch in ["relu", "tanh"]:
+        cfg = compose_config(["architecture=conditional", f"architecture.branch={branch}"])
+        models[branch] = build_model(cfg, DIGITS)
+        models[branch].compile(optimizer="adam", **compile_args(cfg.architecture))
+        logs = models[branch].train_on_batch(*batch(DIGITS, n=32), return_dict=True)
+        assert np.isfinite(logs["loss"])
+    assert models["relu"].get_layer("relu_dense").units == 128
+    assert models["tanh"].get_layer("tanh_dense").units == 64
+    assert (models["relu"].count_params(), models["tanh"].count_params()) == (9_610, 4_810)
