@@ -12,7 +12,7 @@ from typing import Any
 
 import keras
 
-from architectures.common import InputSpec, check_dropout, classifier_head, image_input
+from architectures.common import InputSpec, check_dropout, check_positive_int, classifier_head, image_input
 
 
 @keras.saving.register_keras_serializable(package="architectures")
@@ -46,8 +46,7 @@ class AttentionPooling(keras.layers.Layer):
 
     def __init__(self, units: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if int(units) < 1:
-            raise ValueError(f"units must be a positive int. Received: {units}")
+        check_positive_int(units, "units")
         self.units = int(units)
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
@@ -91,9 +90,8 @@ def build(
     """
     if len(input_spec.shape) != 3:
         raise ValueError(f"input_spec.shape must be (H, W, C). Received: {input_spec.shape}")
-    for name, units in (("embed_dim", embed_dim), ("attention_units", attention_units)):
-        if int(units) < 1:
-            raise ValueError(f"{name} must be a positive int. Received: {units}")
+    check_positive_int(embed_dim, "embed_dim")
+    check_positive_int(attention_units, "attention_units")
     check_dropout(dropout)
     height, width, channels = input_spec.shape
 

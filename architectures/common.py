@@ -66,6 +66,11 @@ def check_dropout(rate: float, name: str = "dropout") -> None:
         raise ValueError(f"{name} must be in [0, 1). Received: {rate}")
 
 
+def check_positive_int(value: int, name: str) -> None:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be a positive int. Received: {value}")
+
+
 def check_units(units: list[int] | tuple[int, ...], name: str) -> None:
     if not units or any(int(u) < 1 for u in units):
         raise ValueError(f"{name} must be a non-empty list of positive ints. Received: {list(units)}")

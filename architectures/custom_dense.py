@@ -12,7 +12,7 @@ from typing import Any
 
 import keras
 
-from architectures.common import InputSpec, check_units, classifier_head, image_input
+from architectures.common import InputSpec, check_positive_int, check_units, classifier_head, image_input
 
 
 @keras.saving.register_keras_serializable(package="architectures")
@@ -27,8 +27,7 @@ class SimpleDense(keras.layers.Layer):
 
     def __init__(self, units: int, activation: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if int(units) < 1:
-            raise ValueError(f"units must be a positive int. Received: {units}")
+        check_positive_int(units, "units")
         self.units = int(units)
         self.activation = keras.activations.get(activation)
 

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 
 import keras
 
-from architectures.common import InputSpec, check_dropout, check_units, classifier_head, image_input
+from architectures.common import (
+    InputSpec,
+    check_dropout,
+    check_positive_int,
+    check_units,
+    classifier_head,
+    image_input,
+)
 
 
 def build(
@@ -35,8 +42,7 @@ def build(
         float32 class probabilities (B, num_classes).
     """
     check_units(relu_units, "relu_units")
-    if int(tanh_units) < 1:
-        raise ValueError(f"tanh_units must be a positive int. Received: {tanh_units}")
+    check_positive_int(tanh_units, "tanh_units")
     check_dropout(dropout)
 
     inputs, scaled = image_input(input_spec)

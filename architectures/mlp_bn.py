@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from architectures.common import InputSpec, check_dropout, classifier_head
+from architectures.common import InputSpec, check_dropout, check_positive_int, classifier_head
 
 
 def build(
@@ -34,9 +34,8 @@ def build(
         An uncompiled `keras.Sequential` mapping raw images (B, *shape) to float32
         class probabilities (B, num_classes).
     """
-    for name, units in (("units_1", units_1), ("units_2", units_2)):
-        if int(units) < 1:
-            raise ValueError(f"{name} must be a positive int. Received: {units}")
+    check_positive_int(units_1, "units_1")
+    check_positive_int(units_2, "units_2")
     check_dropout(dropout_1, "dropout_1")
     check_dropout(dropout_2, "dropout_2")
 

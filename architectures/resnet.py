@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import keras
 
-from architectures.common import InputSpec, check_dropout, check_units, classifier_head, image_input
+from architectures.common import (
+    InputSpec,
+    check_dropout,
+    check_positive_int,
+    check_units,
+    classifier_head,
+    image_input,
+)
 
 # Pooling in the stem would shrink 8x8 digits to 4x4 before any residual block; only
 # inputs at least this large (MNIST 28, CIFAR 32) are pooled.
@@ -67,8 +74,7 @@ def build(
         float32 class probabilities (B, num_classes).
     """
     check_units(filters, "filters")
-    if int(stem_filters) < 1:
-        raise ValueError(f"stem_filters must be a positive int. Received: {stem_filters}")
+    check_positive_int(stem_filters, "stem_filters")
     check_dropout(dropout)
     if not 0.0 <= batch_norm_momentum < 1.0:
         raise ValueError(f"batch_norm_momentum must be in [0, 1). Received: {batch_norm_momentum}")
