@@ -21,6 +21,10 @@ from pipeline.errors import PipelineError
 
 Task = TypeVar("Task", bound=Callable[..., Any])
 
+# Every entry point imports this module before TensorFlow: TensorFlow's C++ INFO lines
+# (CUDA probing, CPU features) are noise for users; warnings stay.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 
 def user_wants_tracebacks() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"

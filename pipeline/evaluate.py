@@ -10,7 +10,6 @@ it, and receives the split's raw images.
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -18,8 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import cli, config  # noqa: F401  (config registers the schemas Hydra composes with)
 from pipeline.errors import ConfigError, DatasetError, PipelineError
 
-# TensorFlow's C++ INFO lines (CUDA probing, CPU features) are noise for users; keep warnings.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 log = logging.getLogger("pipeline.evaluate")
 
 

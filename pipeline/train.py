@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
 
     from architectures import InputSpec
 
-# TensorFlow's C++ INFO lines (CUDA probing, CPU features) are noise for users; keep warnings.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 log = logging.getLogger("pipeline.train")
 
 
