@@ -128,3 +128,7 @@ SCORE_MULTIMODAL = textwrap.dedent(
     }))
     """
 )
+
+
+# A real `mlflow server` for the session (tests/mlflow_server.py), and one run trained against it.
+from mlflow_server import mlflow_server, server_run  # noqa: E402, F401
