@@ -36,6 +36,10 @@ class MLflowEpochLogger(keras.callbacks.Callback):
     any layer reports through a `logged_values() -> dict[str, float]` method (e.g. a
     weighted ensemble's learned member weights).
 
+    A resumed run may re-train an epoch it had already logged (when it was killed
+    between logging the epoch and checkpointing it): values already in the run are
+    not logged twice, so every epoch appears exactly once.
+
     Args:
         run_id: the run to log into.
         client: the `MlflowClient` to log with; by default one for the current
@@ -46,6 +50,12 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         super().__init__()
         self.run_id = run_id
         self.client = client or MlflowClient()
+        self._logged: set[tuple[str, int]] = set()
+
+    def on_train_begin(self, logs=None) -> None:
+        run = self.client.get_run(self.run_id)
+        self._logged = {(key, metric.step) for key in run.data.metrics
+                        for metric in self.client.get_metric_history(self.run_id, key)}
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         timestamp = int(time.time() * 1000)
@@ -59,5 +69,6 @@ class MLflowEpochLogger(keras.callbacks.Callback):
                 values.update(layer.logged_values())
         self.client.log_batch(
             self.run_id,
-            metrics=[Metric(key, value, timestamp, epoch) for key, value in values.items()],
+            metrics=[Metric(key, value, timestamp, epoch) for key, value in values.items()
+                     if (key, epoch) not in self._logged],
         )

@@ -38,6 +38,7 @@ class DatasetConfig:
     val_fraction: float = MISSING
     shuffle_buffer: int = MISSING
     cache: bool = MISSING
+    inject_nan_at_step: Optional[int] = MISSING
 
 
 @dataclass
@@ -104,6 +105,7 @@ class MLflowConfig:
 class TrainConfig:
     seed: int = MISSING
     optimized_metric: str = MISSING
+    resume: Optional[str] = None
     dataset: DatasetConfig = MISSING
     # Architectures differ in their hyperparameters; `validate` checks them against the
     # builder's own keyword arguments instead.
@@ -122,6 +124,7 @@ class EvaluateConfig:
     split: str = MISSING
     dataset: DatasetConfig = MISSING
     mlflow: MLflowConfig = MISSING
+    log_run: bool = MISSING
 
 
 def register_schemas() -> None:
@@ -179,6 +182,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "dataset.batch_size", lambda v: v >= 1, "must be >= 1")
     _check(cfg, "dataset.val_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _check(cfg, "dataset.shuffle_buffer", lambda v: v >= 1, "must be >= 1")
+    _check(cfg, "dataset.inject_nan_at_step", lambda v: v is None or v >= 0, "must be >= 0 or null")
     _check(cfg, "trainer.epochs", lambda v: v >= 1, "must be >= 1")
     _check(cfg, "trainer.steps_per_execution", lambda v: v >= 1, "must be >= 1")
     _check(cfg, "trainer.verbose", lambda v: v in (0, 1, 2), "must be 0, 1 or 2")

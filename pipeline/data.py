@@ -8,8 +8,11 @@ after.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -25,7 +28,13 @@ from pipeline.errors import DatasetError
 
 @dataclass
 class Splits:
-    """Batched pipelines of (image, label) plus what the model and the logs need to know."""
+    """Batched pipelines of (image, label) plus what the model and the logs need to know.
+
+    `train` yields one epoch per iteration, in the order of epoch `epoch` (a variable
+    the training loop sets before each epoch): the same epoch number gives the same
+    batches in every process, which is what makes a resumed run continue exactly where
+    the interrupted one stopped. `train_batch(epoch, index)` rebuilds one batch.
+    """
 
     train: tf.data.Dataset
     val: tf.data.Dataset | None
@@ -34,6 +43,8 @@ class Splits:
     sizes: dict[str, int]
     steps_per_epoch: int
     info: tfds.core.DatasetInfo
+    epoch: tf.Variable
+    train_batch: Callable[[int, int], tuple]
 
 
 def prepared_builder(cfg: DictConfig) -> tfds.core.DatasetBuilder:
@@ -109,16 +120,66 @@ def load(cfg: DictConfig, seed: int) -> Splits:
         if size == 0:
             raise DatasetError(f"dataset {cfg.name!r}: split {split_names[role]!r} is empty")
 
-    batch = cfg.batch_size
+    steps_per_epoch = math.ceil(sizes["train"] / cfg.batch_size)
+    inject_at = cfg.get("inject_nan_at_step")
+    if inject_at is not None:
+        # Debug: NaN needs a float input, so the images (and the model's input) become float32.
+        raw = {role: ds.map(_as_float32, num_parallel_calls=tf.data.AUTOTUNE) for role, ds in raw.items()}
+        input_spec = dataclasses.replace(input_spec, dtype="float32")
+
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
+    train = raw["train"].cache() if cfg.cache else raw["train"]
+
+    def one_epoch(epoch_number: tf.Tensor) -> tf.data.Dataset:
+        # A fresh, seeded order per epoch: (seed, epoch) decides it, not how many
+        # iterators this process opened before.
+        ds = train.shuffle(cfg.shuffle_buffer, seed=seed * 1_000_003 + epoch_number) if cfg.shuffle_buffer else train
+        ds = ds.batch(cfg.batch_size)
+        if inject_at is not None:
+            ds = ds.enumerate().map(functools.partial(_inject_nan, at=inject_at,
+                                                      first=epoch_number * steps_per_epoch))
+        return ds
+
+    def train_batch(epoch_number: int, index: int) -> tuple:
+        """Batch `index` of epoch `epoch_number`, exactly as training saw it."""
+        return one_epoch(tf.constant(epoch_number, tf.int64)).skip(index).take(1).get_single_element()
+
     return Splits(
-        train=batched(raw["train"], batch, cfg.cache, shuffle_buffer=cfg.shuffle_buffer, seed=seed),
-        val=batched(raw["val"], batch, cfg.cache) if num_val else None,
-        test=batched(raw["test"], batch, cfg.cache),
+        # Reading `epoch` inside the pipeline: Keras opens one iterator per epoch, after
+        # `on_epoch_begin` has set it. The cardinality is stated so Keras knows the epoch length.
+        train=tf.data.Dataset.from_tensors(0)
+        .flat_map(lambda _: one_epoch(epoch.read_value()))
+        .apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
+        .prefetch(tf.data.AUTOTUNE),
+        val=batched(raw["val"], cfg.batch_size, cfg.cache) if num_val else None,
+        test=batched(raw["test"], cfg.batch_size, cfg.cache),
         input_spec=input_spec,
         sizes=sizes,
-        steps_per_epoch=math.ceil(sizes["train"] / batch),
+        steps_per_epoch=steps_per_epoch,
         info=info,
+        epoch=epoch,
+        train_batch=train_batch,
     )
+
+
+def _as_float32(inputs, labels):
+    if isinstance(inputs, dict):
+        return {key: tf.cast(value, tf.float32) for key, value in inputs.items()}, labels
+    return tf.cast(inputs, tf.float32), labels
+
+
+def _inject_nan(index, batch, *, at: int, first: tf.Tensor):
+    """Debug (`dataset.inject_nan_at_step`): one NaN in the first example of global batch `at`."""
+    inputs, labels = batch
+
+    def poison(tensor):
+        flat = tf.reshape(tensor, [-1])
+        nan = tf.where(first + index == at, tf.constant(math.nan, tensor.dtype), flat[0])
+        return tf.reshape(tf.tensor_scatter_nd_update(flat, [[0]], [nan]), tf.shape(tensor))
+
+    if isinstance(inputs, dict):  # multimodal: the tabular features carry it
+        return {**inputs, "features": poison(inputs["features"])}, labels
+    return poison(inputs), labels
 
 
 def input_spec_of(info: tfds.core.DatasetInfo) -> InputSpec:
@@ -152,17 +213,10 @@ def input_spec_of(info: tfds.core.DatasetInfo) -> InputSpec:
                        "nor ({image, features}, {labels})")
 
 
-def batched(
-    ds: tf.data.Dataset,
-    batch_size: int,
-    cache: bool,
-    shuffle_buffer: int | None = None,
-    seed: int | None = None,
-) -> tf.data.Dataset:
-    # Images stay in their raw dtype: the model rescales them, so the same model serves
-    # raw images after export. Multimodal elements are ({image, features}, {labels}).
+def batched(ds: tf.data.Dataset, batch_size: int, cache: bool) -> tf.data.Dataset:
+    """An evaluation pipeline: fixed order. Images stay in their raw dtype: the model
+    rescales them, so the same model serves raw images after export. Multimodal
+    elements are ({image, features}, {labels})."""
     if cache:
         ds = ds.cache()  # decoded examples in memory: decode once, not every epoch
-    if shuffle_buffer:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -22,3 +22,16 @@ class DatasetError(PipelineError):
     """A dataset that is unknown, not prepared, or cannot be prepared here."""
 
     exit_code = 2
+
+
+class DivergenceError(PipelineError):
+    """Training produced a non-finite value (or a gradient spike the config forbids),
+    e.g. `non-finite output in layer 'dense_1' at step 57 (epoch 2)`."""
+
+
+class TrainingInterrupted(PipelineError):
+    """SIGINT or SIGTERM stopped training after a checkpoint; `resume=RUN_ID` continues it."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

@@ -30,13 +30,40 @@ def learning_rate(
     )
 
 
-def build(cfg: DictConfig, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
-    """Instantiate `cfg._target_` (any `keras.optimizers` class) with its own options."""
+@keras.saving.register_keras_serializable(package="pipeline")
+class ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """`base` (a rate or a schedule) times `scale`, a variable that a rollback lowers
+    while training runs (`callbacks.grad_norm`)."""
+
+    def __init__(self, base: float | keras.optimizers.schedules.LearningRateSchedule, scale) -> None:
+        self.base = base
+        self.scale = scale
+
+    def __call__(self, step):
+        rate = self.base(step) if callable(self.base) else self.base
+        return keras.ops.cast(rate, "float32") * keras.ops.cast(self.scale, "float32")
+
+    def get_config(self) -> dict:
+        base = self.base if isinstance(self.base, float) else keras.saving.serialize_keras_object(self.base)
+        return {"base": base, "scale": float(keras.ops.convert_to_numpy(self.scale))}
+
+    @classmethod
+    def from_config(cls, config: dict) -> ScaledLearningRate:
+        base = config["base"]
+        return cls(base if isinstance(base, float) else keras.saving.deserialize_keras_object(base), config["scale"])
+
+
+def build(cfg: DictConfig, steps_per_epoch: int, epochs: int, lr_scale=None) -> keras.optimizers.Optimizer:
+    """Instantiate `cfg._target_` (any `keras.optimizers` class) with its own options;
+    with `lr_scale` (a variable), the learning rate is multiplied by it at every step."""
     options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in SCHEDULE_KEYS}
     if options.get("global_clipnorm") is None:
         options.pop("global_clipnorm", None)
     optimizer_class = get_class(cfg._target_)
-    return optimizer_class(learning_rate=learning_rate(cfg, steps_per_epoch, epochs), **options)
+    rate = learning_rate(cfg, steps_per_epoch, epochs)
+    if lr_scale is not None:
+        rate = ScaledLearningRate(rate, lr_scale)
+    return optimizer_class(learning_rate=rate, **options)
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

@@ -30,7 +30,7 @@ from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
 from architectures.common import InputSpec
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +110,32 @@ class RunNames:
 
 @contextlib.contextmanager
 def start_run(
-    experiment_id: str, run_name: str, tags: Mapping[str, str], log_file: Path | None = None
+    experiment_id: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    log_file: Path | None = None,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open the training run and always close it.
+    """Open the training run (or reopen run `run_id`, to resume it) and always close it.
 
-    The run ends FINISHED on success, KILLED on Ctrl-C, and FAILED on any other error,
-    with the reason in the `failure_reason` tag, so no run is ever left RUNNING for the
-    next job of a sweep. `log_file` (the job's log) is attached to the run either way.
+    The run ends FINISHED on success, KILLED on Ctrl-C or SIGTERM, and FAILED on any
+    other error, with the reason in the `failure_reason` tag, so no run is ever left
+    RUNNING for the next job of a sweep. `log_file` (the job's log) is attached to the
+    run either way.
     """
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+    if run_id is None:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+    else:
+        run = mlflow.start_run(run_id=run_id)
+        if "failure_reason" in run.data.tags:  # the reason the previous attempt ended
+            MlflowClient().delete_tag(run_id, "failure_reason")
     status = "FAILED"
     try:
         yield run
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingInterrupted) as error:
         status = "KILLED"
-        _tag_failure(run.info.run_id, "interrupted (KeyboardInterrupt)")
+        _tag_failure(run.info.run_id, str(error) or "interrupted (KeyboardInterrupt)")
         raise
     except BaseException as error:
         _tag_failure(run.info.run_id, f"{type(error).__name__}: {error}")
@@ -137,6 +147,65 @@ def start_run(
             except Exception:  # a lost log must not hide the run's real outcome
                 log.exception("could not attach %s to run %s", log_file, run.info.run_id)
         mlflow.end_run(status)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A run to continue: its id, recorded config and checkpoint directory."""
+
+    run_id: str
+    config: DictConfig
+    checkpoint_dir: str
+    architecture: str
+
+
+# What a resume may change: which run, where the store is, and (only upwards) the epochs.
+RESUME_OVERRIDES = ("resume=", "trainer.epochs=", "mlflow.tracking_uri=", "mlflow.experiment_name=", "hydra.")
+
+
+def resumable_run(cfg: DictConfig, overrides: list[str]) -> Resume:
+    """Find the run `cfg.resume` names (a run id, or `last`: the newest unfinished run
+    with checkpoints in `cfg.mlflow.experiment_name`) and the config it recorded.
+
+    Only `trainer.epochs` may differ from the recorded config, and only upwards.
+    """
+    changed = [o for o in overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDES)]
+    if changed:
+        raise ConfigError(f"resume={cfg.resume}: a resumed run keeps its recorded config; only trainer.epochs may "
+                          f"be raised. Received: {' '.join(changed)}")
+    experiment_id = connect(cfg.mlflow)
+    client = MlflowClient()
+    if cfg.resume == "last":
+        runs = client.search_runs([experiment_id], "attributes.status != 'FINISHED' and tags.checkpoint_dir != ''",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise ConfigError(f"resume=last: no unfinished run with checkpoints in experiment "
+                              f"{cfg.mlflow.experiment_name!r} at {mlflow.get_tracking_uri()}")
+        run = runs[0]
+    else:
+        try:
+            run = client.get_run(str(cfg.resume))
+        except Exception:  # unknown id, malformed id: MLflow raises several types
+            raise ConfigError(f"resume: no run {cfg.resume!r} in the tracking store at "
+                              f"{mlflow.get_tracking_uri()}") from None
+    run_id = run.info.run_id
+    checkpoint_dir = run.data.tags.get("checkpoint_dir")
+    if not checkpoint_dir:
+        raise ConfigError(f"resume={cfg.resume}: run {run_id} saved no checkpoints (callbacks.checkpoint was off)")
+    try:
+        recorded = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    except Exception as error:
+        raise ConfigError(f"resume={cfg.resume}: cannot read the config run {run_id} recorded: {error}") from None
+    epochs = recorded.trainer.epochs
+    if any(o.startswith("trainer.epochs=") for o in overrides):
+        if cfg.trainer.epochs < epochs:
+            raise ConfigError(f"resume={cfg.resume}: trainer.epochs may only be raised (the run was configured "
+                              f"for {epochs}). Received: {cfg.trainer.epochs}")
+        epochs = cfg.trainer.epochs
+    recorded.trainer.epochs = epochs
+    recorded.resume = None
+    recorded.mlflow.tracking_uri = cfg.mlflow.tracking_uri
+    return Resume(run_id, recorded, checkpoint_dir, run.data.tags.get("architecture", ""))
 
 
 def _tag_failure(run_id: str, reason: str) -> None:

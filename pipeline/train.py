@@ -36,6 +36,9 @@ log = logging.getLogger("pipeline.train")
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, evaluate on the test split, log everything to MLflow and register the model.
 
+    With `cfg.resume` (a run id or `last`), continue that run from its latest
+    checkpoint instead, with the config it recorded.
+
     Args:
         cfg: the composed `conf/train.yaml`.
 
@@ -47,8 +50,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import keras
     import mlflow
 
+    from callbacks.checkpoint import Checkpointing
+    from callbacks.grad_norm import GradNormGuard
     from callbacks.mlflow_logger import MLflowEpochLogger, metric_key
     from pipeline import data, precision, tracking
+    from pipeline.guarded import GuardedModel, TrainProgress
+
+    resume = tracking.resumable_run(cfg, _overrides()) if cfg.resume else None
+    if resume is not None:
+        cfg = resume.config
+        validate(cfg)
+    callbacks = instantiate_callbacks(cfg)
+    guard = next((c for c in callbacks if isinstance(c, GradNormGuard)), None)
+    checkpointing = next((c for c in callbacks if isinstance(c, Checkpointing)), None)
+    if guard is not None and guard.action == "rollback" and checkpointing is None:
+        raise ConfigError("callbacks.grad_norm.action=rollback needs checkpoints to roll back to: "
+                          "keep callbacks.checkpoint. Received: callbacks.checkpoint=null")
 
     # A sweep runs several jobs in one process: start every run from a clean slate.
     keras.backend.clear_session(free_memory=True)
@@ -59,41 +76,76 @@ def train(cfg: DictConfig) -> dict[str, float]:
         splits = data.load(cfg.dataset, seed=cfg.seed)
         log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
 
-        model = build_model(cfg, splits.input_spec)
-        model.compile(
-            optimizer=build_optimizer(cfg, splits.steps_per_epoch),
+        model = build_model(cfg, splits.input_spec, resume.architecture if resume else None)
+        # Trains `model` with the gradient-norm and finite checks in its train step.
+        guarded = GuardedModel(model, guard.step_guard if guard else None, epoch=splits.epoch)
+        guarded.compile(
+            optimizer=build_optimizer(cfg, splits.steps_per_epoch, guard.lr_scale if guard else None),
             **compile_args(cfg.architecture),
             steps_per_execution=cfg.trainer.steps_per_execution,
             jit_compile=cfg.trainer.jit_compile,
         )
-        callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        state = guarded.build_train_state()
 
         experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
+        names = tracking.RunNames.from_config(cfg, {"architecture": resume.architecture} if resume else _choices(),
+                                              policy)
+        with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file(),
+                                run_id=resume.run_id if resume else None) as run:
+            if resume is None:
+                tracking.log_config(cfg, _overrides())
+                mlflow.log_param("precision.resolved_policy", policy)
+                tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
+                tracking.log_model_summary(model)
+            else:
+                mlflow.set_tag("resumed_with_epochs", str(cfg.trainer.epochs))
 
-        names = tracking.RunNames.from_config(cfg, _choices(), policy)
-        with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file()) as run:
-            tracking.log_config(cfg, _overrides())
-            mlflow.log_param("precision.resolved_policy", policy)
-            tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
-            tracking.log_model_summary(model)
+            initial_epoch = 0
+            if checkpointing is not None:
+                directory = Path(resume.checkpoint_dir) if resume else _checkpoint_dir(checkpointing, run.info.run_id)
+                mlflow.set_tag("checkpoint_dir", str(directory))
+                checkpointing.open(directory, guarded, callbacks)
+                position = checkpointing.restore_latest() if resume else None
+                if position is not None:
+                    epoch, batch = position
+                    if batch >= splits.steps_per_epoch:  # saved at an epoch's end
+                        initial_epoch = epoch + 1
+                    else:
+                        initial_epoch = epoch
+                        state.re_enter_epoch()
+            if guard is not None:
+                guard.batch_at = splits.train_batch  # the diagnosis re-runs the offending batch
+                guard.restore_last_checkpoint = checkpointing.restore_for_rollback if checkpointing else None
 
-            callbacks.append(MLflowEpochLogger(run.info.run_id))
-            history = model.fit(
-                splits.train,
-                validation_data=splits.val,
-                epochs=cfg.trainer.epochs,
-                shuffle=False,  # the tf.data pipeline shuffles, with the run's seed
-                callbacks=callbacks,
-                verbose=cfg.trainer.verbose,
-            )
+            # The guard acts on a bad step before anything else sees the epoch; the
+            # checkpoint comes last, once the epoch is logged and early stopping updated.
+            fit_callbacks = [TrainProgress(), *callbacks, MLflowEpochLogger(run.info.run_id)]
+            if checkpointing is not None:
+                fit_callbacks.remove(checkpointing)
+                fit_callbacks.append(checkpointing)
+            try:
+                history = guarded.fit(
+                    splits.train,
+                    validation_data=splits.val,
+                    epochs=cfg.trainer.epochs,
+                    initial_epoch=initial_epoch,
+                    shuffle=False,  # the tf.data pipeline shuffles, with the run's seed and the epoch
+                    callbacks=fit_callbacks,
+                    verbose=cfg.trainer.verbose,
+                )
+            finally:
+                if checkpointing is not None:
+                    checkpointing.close()
+            epochs_done = initial_epoch + len(history.epoch)
             # Score the model as it will be exported: callbacks such as early stopping
             # may have restored an earlier epoch's weights, so the last epoch's logs
             # do not describe it.
-            final = {f"test_{k}": float(v) for k, v in model.evaluate(splits.test, return_dict=True, verbose=0).items()}
+            final = {f"test_{k}": float(v)
+                     for k, v in guarded.evaluate(splits.test, return_dict=True, verbose=0).items()}
             if splits.val is not None:
                 final |= {f"final_val_{k}": float(v)
-                          for k, v in model.evaluate(splits.val, return_dict=True, verbose=0).items()}
-            mlflow.log_metrics(final, step=len(history.epoch))
+                          for k, v in guarded.evaluate(splits.val, return_dict=True, verbose=0).items()}
+            mlflow.log_metrics(final, step=epochs_done)
             log.info("final: %s", {k: round(v, 4) for k, v in sorted(final.items())})
             metrics = {metric_key(k): float(v[-1]) for k, v in history.history.items()} | final
 
@@ -103,9 +155,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def build_model(cfg: DictConfig, input_spec: InputSpec) -> keras.Model:
+def instantiate_callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
+    """The configured callbacks, in config order; a bad value is a config error."""
+    callbacks = []
+    for name, callback in cfg.callbacks.items():
+        if callback is None:
+            continue
+        try:
+            callbacks.append(hydra.utils.instantiate(callback))
+        except Exception as error:  # Hydra wraps the callback's own ValueError
+            cause = error.__cause__ or error
+            message = str(cause) if str(cause).startswith(f"callbacks.{name}") else f"callbacks.{name}: {cause}"
+            raise ConfigError(message) from None
+    return callbacks
+
+
+def _checkpoint_dir(checkpointing, run_id: str) -> Path:
+    """`callbacks.checkpoint.directory`, else `checkpoints/` in the job's output
+    directory, else (no Hydra run) `./checkpoints/<run id>`."""
+    if checkpointing.directory:
+        return Path(checkpointing.directory).absolute()
+    log_file = _job_log_file()
+    if log_file is not None:
+        return log_file.parent.absolute() / "checkpoints"
+    return Path.cwd() / "checkpoints" / run_id
+
+
+def build_model(cfg: DictConfig, input_spec: InputSpec, architecture: str | None = None) -> keras.Model:
     """Call the architecture's builder; a model that cannot fit the data is a config error."""
-    architecture = _choices().get("architecture", cfg.architecture._target_)
+    architecture = architecture or _choices().get("architecture", cfg.architecture._target_)
     module = importlib.import_module(cfg.architecture._target_.rpartition(".")[0])
     if input_spec.multimodal and not getattr(module, "MULTIMODAL", False):
         raise ConfigError(
@@ -119,12 +197,12 @@ def build_model(cfg: DictConfig, input_spec: InputSpec) -> keras.Model:
         raise ConfigError(f"architecture={architecture} with dataset={cfg.dataset.name}: {error}") from None
 
 
-def build_optimizer(cfg: DictConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def build_optimizer(cfg: DictConfig, steps_per_epoch: int, lr_scale=None) -> keras.optimizers.Optimizer:
     """The configured optimizer; a value Keras refuses is a config error, not a traceback."""
     from pipeline import optim
 
     try:
-        return optim.build(cfg.optimizer, steps_per_epoch, cfg.trainer.epochs)
+        return optim.build(cfg.optimizer, steps_per_epoch, cfg.trainer.epochs, lr_scale)
     except ValueError as error:
         raise ConfigError(f"optimizer={_choices().get('optimizer', cfg.optimizer._target_)}: {error}") from None
 

@@ -73,7 +73,7 @@ def test_evaluate_config_composes() -> None:
          "architecture._target_ cannot be imported. Received: 'architectures.nope.build'"),
         ("+architecture.depth=3", "architecture.depth is not an argument of architectures.mlp.build"),
         ("+callbacks.early_stopping.patence=3",
-         "callbacks.early_stopping.patence is not an argument of keras.callbacks.EarlyStopping"),
+         "callbacks.early_stopping.patence is not an argument of callbacks.early_stopping.EarlyStopping"),
         ("optimizer.epsilon=0", "optimizer.epsilon must be > 0. Received: 0.0"),
         ("optimizer.beta_1=1.5", "optimizer.beta_1 must be in [0, 1). Received: 1.5"),
         ("dataset.val_fraction=0",

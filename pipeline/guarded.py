@@ -1,0 +1,271 @@
+"""The pipeline's train step: Keras's own, plus gradient-norm and finite-value checks in
+the same compiled graph.
+
+`GuardedModel` wraps any Keras model (Sequential, Functional, subclassed, nested) and
+trains it with `fit`. Its `train_step` is Keras 3.15's `TensorFlowTrainer.train_step`
+with three additions, all inside the compiled step, so no step waits for Python:
+
+- the gradient norm, global and per layer, from the same tape as the update, divided by
+  the loss scale under `LossScaleOptimizer` so it is the true norm;
+- one `is_finite(loss + norm)` per step and, when a `StepGuard` says so, the update
+  dropped in the graph (as `LossScaleOptimizer` drops one with non-finite gradients);
+- the data position (epoch, batch) and a countdown of batches to pass over, which a
+  resume (fast-forward) and a rollback (skip M batches) both use.
+
+State lives in tf.Variables (`TrainState`) that callbacks read between executions and
+checkpoints save. With `steps_per_execution > 1`, the statistics aggregate across the
+steps of one execution (max norm, any non-finite, count of dropped steps) and the first
+bad step is recorded, so no bad step goes unseen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as keras_loss  # Keras' own train step uses it: same semantics
+
+# Why a step was bad, as recorded in `TrainState.bad_reason`.
+NON_FINITE = 1
+ABOVE_THRESHOLD = 2
+
+
+@dataclass(frozen=True)
+class StepGuard:
+    """What the train step does with a bad step.
+
+    Args:
+        threshold: a finite gradient norm above this is bad too; None: only non-finite
+            loss or gradient norm is.
+        drop_bad_steps: drop bad steps' updates. Always true for non-finite steps.
+        halt_on_bad_step: after the first bad step, drop every update until a callback
+            resumes the step (`TrainState.halted`), so the weights stay as they were
+            before it: for `stop` (then diagnose) and `rollback`.
+    """
+
+    threshold: float | None = None
+    drop_bad_steps: bool = True
+    halt_on_bad_step: bool = True
+
+
+class TrainState(tf.Module):
+    """The train step's variables: data position, per-epoch gradient statistics and the
+    first bad step. Read between executions; saved in checkpoints."""
+
+    def __init__(self, layer_names: list[str], epoch: tf.Variable | None = None) -> None:
+        super().__init__(name="train_state")
+
+        def scalar(dtype, value=0):
+            return tf.Variable(value, dtype=dtype, trainable=False)
+
+        # Data position. `epoch` also seeds the epoch's shuffle order (pipeline.data), so
+        # (epoch, batch) reproduces exactly which batch comes next.
+        self.epoch = scalar(tf.int64) if epoch is None else epoch
+        self.batch = scalar(tf.int64)  # batches consumed this epoch, dropped ones included
+        self.global_batch = scalar(tf.int64)  # batches consumed in the run
+        self.skip_batches = scalar(tf.int64)  # batches still to pass over without training
+        # This epoch's gradient statistics over the steps that ran.
+        self.norm_max = scalar(tf.float32)
+        self.norm_sum = scalar(tf.float32)
+        self.norm_count = scalar(tf.int64)
+        self.dropped_steps = scalar(tf.int64)
+        self.above_threshold_steps = scalar(tf.int64)
+        # The most recent step's norms, for logging every N steps.
+        self.last_norm = scalar(tf.float32)
+        self.last_layer_norms = tf.Variable(tf.zeros([len(layer_names)]), trainable=False)
+        # The first bad step since the last `clear_bad_step`.
+        self.halted = scalar(tf.bool, False)
+        self.bad_reason = scalar(tf.int64)
+        self.bad_global_batch = scalar(tf.int64, -1)
+        self.bad_epoch = scalar(tf.int64, -1)
+        self.bad_batch = scalar(tf.int64, -1)
+        self.bad_loss = scalar(tf.float32)
+        self.bad_norm = scalar(tf.float32)
+        self.bad_layer_norms = tf.Variable(tf.zeros([len(layer_names)]), trainable=False)
+
+    def reset_epoch_statistics(self) -> None:
+        for variable in (self.norm_max, self.norm_sum, self.norm_count, self.dropped_steps,
+                         self.above_threshold_steps):
+            variable.assign(tf.zeros_like(variable))
+
+    def clear_bad_step(self) -> None:
+        self.halted.assign(False)
+        self.bad_reason.assign(0)
+        for variable in (self.bad_global_batch, self.bad_epoch, self.bad_batch):
+            variable.assign(-1)
+
+    def re_enter_epoch(self) -> None:
+        """Continue mid-epoch after a restore: the epoch's data iterator starts from its
+        first batch, so pass over the `batch` batches already trained on."""
+        done = self.batch.read_value()
+        self.skip_batches.assign(done)
+        self.global_batch.assign_sub(done)
+        self.batch.assign(0)
+
+    def epoch_statistics(self) -> dict[str, float]:
+        count = int(self.norm_count.numpy())
+        return {
+            "grad_norm_max": float(self.norm_max.numpy()) if count else math.nan,
+            "grad_norm_mean": float(self.norm_sum.numpy()) / count if count else math.nan,
+            "skipped_steps": float(self.dropped_steps.numpy()),
+        }
+
+
+class GuardedModel(keras.Model):
+    """Train `model` with the per-step checks of `guard` (None: no checks, only the
+    data position is tracked: the plain Keras step).
+
+    Compile, fit and evaluate this wrapper; export and save `model` itself.
+
+    Args:
+        model: the model to train.
+        guard: what to do with a bad step.
+        epoch: the variable that orders the training data (`pipeline.data.Splits.epoch`).
+    """
+
+    def __init__(self, model: keras.Model, guard: StepGuard | None = None, epoch: tf.Variable | None = None) -> None:
+        super().__init__(name=f"guarded_{model.name}")
+        self.model = model
+        self.guard = guard
+        self._epoch = epoch
+        self._layer_groups: list[tuple[str, list[int]]] | None = None
+        self.train_state: TrainState | None = None
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers whose gradient norms are reported, in the order of `TrainState.last_layer_norms`."""
+        return [name for name, _ in self._groups()]
+
+    def _groups(self) -> list[tuple[str, list[int]]]:
+        """Trainable variables grouped by the layer that owns them (by variable path,
+        so nested models' layers keep their parents' names: `member_0/dense`)."""
+        if self._layer_groups is None:
+            groups: dict[str, list[int]] = {}
+            for index, variable in enumerate(self.model.trainable_variables):
+                groups.setdefault(layer_path(variable, self.model), []).append(index)
+            self._layer_groups = list(groups.items())
+        return self._layer_groups
+
+    def build_train_state(self) -> TrainState:
+        """Create the train state (once the model is built): callbacks and checkpoints need it before `fit`."""
+        if self.train_state is None:
+            self.train_state = TrainState(self.layer_names, epoch=self._epoch)
+        return self.train_state
+
+    def train_step(self, data):
+        state = self.build_train_state()
+
+        def pass_over() -> tf.Tensor:
+            state.skip_batches.assign_sub(1)
+            return tf.constant(False)
+
+        tf.cond(state.skip_batches > 0, pass_over, lambda: self._guarded_step(data, state))
+        state.batch.assign_add(1)
+        state.global_batch.assign_add(1)
+        return self.get_metrics_result()
+
+    def _guarded_step(self, data, state: TrainState) -> tf.Tensor:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        variables = self.model.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+
+        loss32 = tf.cast(loss, tf.float32)
+        layer_norms, norm = self._norms(gradients)
+        guard = self.guard
+        if guard is None:
+            ok = tf.constant(True)
+        else:
+            loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+            # Under loss scaling, overflowing gradients are routine: LossScaleOptimizer
+            # drops that update and lowers the scale. Only a non-finite loss is divergence.
+            non_finite = ~tf.math.is_finite(loss32 if loss_scaled else loss32 + norm)
+            above = tf.math.is_finite(norm) & (norm > guard.threshold) if guard.threshold is not None \
+                else tf.constant(False)
+            was_halted = state.halted.read_value()
+            bad = non_finite | (above & guard.drop_bad_steps)
+            ok = ~bad & ~was_halted
+            counted = ~was_halted  # steps after a halt are not this run's steps to judge
+            finite_norm = tf.math.is_finite(norm) & counted
+            state.norm_max.assign(tf.where(finite_norm, tf.maximum(state.norm_max, norm), state.norm_max))
+            state.norm_sum.assign_add(tf.where(finite_norm, norm, 0.0))
+            state.norm_count.assign_add(tf.cast(finite_norm, tf.int64))
+            state.dropped_steps.assign_add(tf.cast(bad & counted, tf.int64))
+            state.above_threshold_steps.assign_add(tf.cast(above & counted, tf.int64))
+            first_bad = (bad | above) & counted & (state.bad_global_batch < 0)
+            tf.cond(first_bad, lambda: self._record_bad_step(state, non_finite, loss32, norm, layer_norms),
+                    lambda: tf.constant(False))
+            if guard.halt_on_bad_step:
+                state.halted.assign(was_halted | bad)
+            state.last_norm.assign(tf.where(counted, norm, state.last_norm))
+            state.last_layer_norms.assign(tf.where(counted, layer_norms, state.last_layer_norms))
+
+        def apply() -> tf.Tensor:
+            batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+            self._loss_tracker.update_state(keras_loss.unscale_loss_for_distribution(loss), sample_weight=batch_size)
+            self.optimizer.apply(gradients, variables)
+            self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            return tf.constant(True)
+
+        return tf.cond(ok, apply, lambda: tf.constant(False))
+
+    def _norms(self, gradients) -> tuple[tf.Tensor, tf.Tensor]:
+        """(per-layer norms, global norm) of the true (unscaled) gradients."""
+        squares = []
+        for _, indices in self._groups():
+            parts = [tf.reduce_sum(tf.square(tf.cast(_values(gradients[i]), tf.float32)))
+                     for i in indices if gradients[i] is not None]
+            squares.append(tf.add_n(parts) if parts else tf.constant(0.0))
+        squares = tf.stack(squares) if squares else tf.zeros([0])
+        scale = 1.0
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+        return tf.sqrt(squares) / scale, tf.sqrt(tf.reduce_sum(squares)) / scale
+
+    @staticmethod
+    def _record_bad_step(state: TrainState, non_finite, loss, norm, layer_norms) -> tf.Tensor:
+        state.bad_reason.assign(tf.where(non_finite, tf.constant(NON_FINITE, tf.int64),
+                                         tf.constant(ABOVE_THRESHOLD, tf.int64)))
+        state.bad_global_batch.assign(state.global_batch)
+        state.bad_epoch.assign(state.epoch)
+        state.bad_batch.assign(state.batch)
+        state.bad_loss.assign(loss)
+        state.bad_norm.assign(norm)
+        state.bad_layer_norms.assign(layer_norms)
+        return tf.constant(True)
+
+
+def layer_path(variable, model: keras.Model) -> str:
+    """The path of the layer that owns `variable`, relative to `model`: `dense_1`, or
+    `member_0/dense` inside a nested model."""
+    path = variable.path.rpartition("/")[0] or variable.path
+    return path.removeprefix(f"{model.name}/")
+
+
+def _values(gradient):
+    """The dense values of a gradient (an Embedding's gradient is IndexedSlices)."""
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
+class TrainProgress(keras.callbacks.Callback):
+    """Keeps `TrainState` in step with `fit`'s epochs; added to every run by the pipeline.
+
+    Sets the epoch (which seeds the epoch's shuffle order) before Keras opens the
+    epoch's data iterator, and resets the per-epoch gradient statistics.
+    """
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        state = self.model.build_train_state()
+        if int(state.epoch.numpy()) != epoch or int(state.batch.numpy()) == 0 == int(state.skip_batches.numpy()):
+            # A new epoch, not the one a resume re-enters (whose statistics were restored).
+            state.epoch.assign(epoch)
+            state.batch.assign(0)
+            state.reset_epoch_statistics()
