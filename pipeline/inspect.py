@@ -158,19 +158,11 @@ def _keras_file_in(directory: Path, uri: str) -> Path:
 
 
 def _training_run_of(uri: str) -> str | None:
-    """The run that logged the registered model `uri` (models:/NAME/VERSION or
-    models:/NAME@ALIAS), if the registry can tell."""
-    from mlflow.tracking import MlflowClient
+    """The run that logged the registered model `uri`, if the registry can tell."""
+    from pipeline.evaluate import registered_version
 
-    reference = uri.removeprefix("models:/").rstrip("/")
-    try:
-        if "@" in reference:
-            name, alias = reference.rsplit("@", 1)
-            return MlflowClient().get_model_version_by_alias(name, alias).run_id or None
-        name, version = reference.rsplit("/", 1)
-        return MlflowClient().get_model_version(name, version).run_id or None
-    except Exception:  # unknown model, alias or version; `latest`: the message still says what to pass
-        return None
+    version = registered_version(uri)
+    return version.run_id if version is not None and version.run_id else None
 
 
 def layer_names(model: keras.Model) -> list[str]:
