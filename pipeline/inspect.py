@@ -228,7 +228,12 @@ def _has_graph(layer: Any) -> bool:
 
 
 def _graph_inputs(model: keras.Model) -> list:
+    import keras
+
     if not _has_graph(model):
+        if isinstance(model, keras.Sequential):
+            raise ValueError(f"{model.name} is a Sequential model without a keras.Input, so its layers have no "
+                             "symbolic outputs to read. Start it with keras.Input(shape=...)")
         raise ValueError(f"{model.name} is a subclassed {type(model).__name__}: its layers have no symbolic "
                          "outputs to read. Inspect a Sequential or Functional model")
     # A list even for dict-input models: Keras matches a dict batch to inputs by name.
