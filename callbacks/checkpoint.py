@@ -129,7 +129,7 @@ class Checkpointing(keras.callbacks.Callback):
                 for name in reader.get_variable_to_shape_map():
                     reader.get_tensor(name)
                 return path
-            except (tf.errors.OpError, ValueError) as error:
+            except Exception as error:  # OpError, or IndexError/ValueError from a truncated file
                 log.warning("checkpoint %s is unreadable (%s); falling back to the one before it", path,
                             " ".join(str(error).split())[:200])
         if candidates:
@@ -151,6 +151,8 @@ class Checkpointing(keras.callbacks.Callback):
             # Keras zeroes the metrics at each epoch's start; the resumed epoch's
             # accumulators go back in at `on_epoch_begin`.
             self._metric_snapshot = [v.numpy() for v in rest["metrics"]]
+        elif self._manager.latest_checkpoint is None:
+            self.save()  # the initial state: a rollback at the very first steps needs somewhere to go
         self._install_signal_handlers()
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
@@ -214,10 +216,14 @@ class Checkpointing(keras.callbacks.Callback):
     def _stop_if_signalled(self) -> None:
         if self._requested_signal is None:
             return
+        import mlflow
+
         path = self.save() or self._manager.latest_checkpoint
         state = self.model.build_train_state()
+        run = mlflow.active_run()
+        resume = f"; continue with: python -m pipeline.train resume={run.info.run_id}" if run else ""
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(self._requested_signal).name} at step {int(state.global_batch.numpy())} "
-            f"(epoch {int(state.epoch.numpy())}); checkpoint {path}",
+            f"(epoch {int(state.epoch.numpy())}); checkpoint {path}{resume}",
             self._requested_signal,
         )

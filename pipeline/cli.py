@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from typing import Any, Callable, TypeVar
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TrainingInterrupted
 
 Task = TypeVar("Task", bound=Callable[..., Any])
 
@@ -75,8 +76,15 @@ def task(function: Task) -> Task:
 _full_error_requested = user_wants_tracebacks()
 
 
+def _terminate(number: int, frame: Any) -> None:
+    # SIGTERM (e.g. from a scheduler) ends a run like Ctrl-C does: marked KILLED, not
+    # left RUNNING. During training, callbacks.checkpoint takes over and saves first.
+    raise TrainingInterrupted(f"stopped by {signal.Signals(number).name}", number)
+
+
 def run(hydra_main: Callable[[], Any]) -> None:
     """Call a `@hydra.main`-decorated function; exit with one line on a user error."""
+    signal.signal(signal.SIGTERM, _terminate)
     if _full_error_requested:
         hydra_main()
         return

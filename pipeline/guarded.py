@@ -151,6 +151,16 @@ class GuardedModel(keras.Model):
             self._layer_groups = list(groups.items())
         return self._layer_groups
 
+    def build_metrics(self, batch: tuple) -> None:
+        """Create the compiled loss's and metrics' variables from one batch (Keras
+        otherwise creates them while tracing the first step, after checkpoints have
+        been restored). Inference only: no weight, state or random seed changes."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        y_pred = self(x, training=False)
+        self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        self.reset_metrics()
+
     def build_train_state(self) -> TrainState:
         """Create the train state (once the model is built): callbacks and checkpoints need it before `fit`."""
         if self.train_state is None:

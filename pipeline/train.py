@@ -85,6 +85,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             steps_per_execution=cfg.trainer.steps_per_execution,
             jit_compile=cfg.trainer.jit_compile,
         )
+        guarded.build_metrics(splits.train_batch(0, 0))  # so checkpoints can hold the metrics' state
         state = guarded.build_train_state()
 
         experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
