@@ -25,6 +25,8 @@ Task = TypeVar("Task", bound=Callable[..., Any])
 # Every entry point imports this module before TensorFlow: TensorFlow's C++ INFO lines
 # (CUDA probing, CPU features) are noise for users; warnings stay.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# Progress bars for a few small artifact downloads only clutter the terminal.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def user_wants_tracebacks() -> bool:
@@ -60,6 +62,8 @@ def task(function: Task) -> Task:
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _task_started
+        _task_started = True
         try:
             return function(*args, **kwargs)
         except PipelineError as error:
@@ -74,6 +78,9 @@ def task(function: Task) -> Task:
 
 
 _full_error_requested = user_wants_tracebacks()
+# Set once Hydra hands over to the task: an OSError before that is Hydra failing to
+# create the job's output directory or log file.
+_task_started = False
 
 
 def _terminate(number: int, frame: Any) -> None:
@@ -84,6 +91,8 @@ def _terminate(number: int, frame: Any) -> None:
 
 def run(hydra_main: Callable[[], Any]) -> None:
     """Call a `@hydra.main`-decorated function; exit with one line on a user error."""
+    global _task_started
+    _task_started = False
     signal.signal(signal.SIGTERM, _terminate)
     if _full_error_requested:
         hydra_main()
@@ -95,5 +104,12 @@ def run(hydra_main: Callable[[], Any]) -> None:
         fail(error, error.exit_code)
     except (HydraException, OmegaConfBaseException) as error:
         fail(error, 2)
+    except OSError as error:
+        if _task_started:
+            raise
+        print(f"error: hydra.run.dir: cannot create the job's output directory or log "
+              f"({error.strerror}: {error.filename}). Point hydra.run.dir (hydra.sweep.dir for -m) "
+              "at a writable directory", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -87,6 +87,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         guarded.build_metrics(splits.train_batch(0, 0))  # so checkpoints can hold the metrics' state
         state = guarded.build_train_state()
+        initial_epoch = 0
+        if resume is not None and checkpointing is not None:
+            # Before the run reopens: unreadable checkpoints leave it as it was.
+            checkpointing.open(Path(resume.checkpoint_dir), guarded, callbacks)
+            position = checkpointing.restore_latest()
+            if position is not None:
+                epoch, batch = position
+                if batch >= splits.steps_per_epoch:  # saved at an epoch's end
+                    initial_epoch = epoch + 1
+                else:
+                    initial_epoch = epoch
+                    state.re_enter_epoch()
 
         experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
         names = tracking.RunNames.from_config(cfg, {"architecture": resume.architecture} if resume else _choices(),
@@ -101,19 +113,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             else:
                 mlflow.set_tag("resumed_with_epochs", str(cfg.trainer.epochs))
 
-            initial_epoch = 0
-            if checkpointing is not None:
-                directory = Path(resume.checkpoint_dir) if resume else _checkpoint_dir(checkpointing, run.info.run_id)
-                mlflow.set_tag("checkpoint_dir", str(directory))
+            if checkpointing is not None and resume is None:
+                directory = _checkpoint_dir(checkpointing, run.info.run_id)
                 checkpointing.open(directory, guarded, callbacks)
-                position = checkpointing.restore_latest() if resume else None
-                if position is not None:
-                    epoch, batch = position
-                    if batch >= splits.steps_per_epoch:  # saved at an epoch's end
-                        initial_epoch = epoch + 1
-                    else:
-                        initial_epoch = epoch
-                        state.re_enter_epoch()
+                mlflow.set_tag("checkpoint_dir", str(directory))
             if guard is not None:
                 guard.batch_at = splits.train_batch  # the diagnosis re-runs the offending batch
                 guard.restore_last_checkpoint = checkpointing.restore_for_rollback if checkpointing else None

@@ -1,0 +1,135 @@
+"""Bad configs and inputs: each ends in exactly one readable line and a non-zero exit.
+
+The table runs the real entry point (`pipeline.train.cli_main`: Hydra composition, our
+validation, data loading, tracking, resume) in-process, with the user's argv; a few
+cases also run as separate processes in tests/test_cli.py and test_fault_tolerance.py.
+Cases that need an existing run share one short training.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from conftest import compose_config
+from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
+
+from pipeline.train import cli_main, train
+
+# (argv after `python -m pipeline.train`, exit code, text the single error line must contain)
+BAD_INPUTS = [
+    (["architecture=transformer"], 2, "Could not find 'architecture/transformer'"),
+    (["optimizer=lion"], 2, "Could not find 'optimizer/lion'"),
+    (["precision=fp8"], 2, "Could not find 'precision/fp8'"),
+    (["optimizer.lr=0"], 2, "optimizer.lr must be > 0. Received: 0.0"),
+    (["optimizer.lr=-1e-3"], 2, "optimizer.lr must be > 0. Received: -0.001"),
+    (["optimizer.lr=fast"], 2, "optimizer.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    (["dataset.batch_size=0"], 2, "dataset.batch_size must be >= 1. Received: 0"),
+    (["trainer.epochs=0"], 2, "trainer.epochs must be >= 1. Received: 0"),
+    (["trainer.steps_per_execution=-2"], 2, "trainer.steps_per_execution must be >= 1. Received: -2"),
+    (["architecture.dropout=1.0"], 2, "architecture.dropout must be in [0, 1). Received: 1.0"),
+    (["architecture.dropout=-0.1"], 2, "architecture.dropout must be in [0, 1). Received: -0.1"),
+    (["precision.policy=float8"], 2, "precision.policy must be one of"),
+    (["seed=abc"], 2, "seed: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["seed=1.5"], 2, "seed: Value '1.5' of type 'float' could not be converted to Integer"),
+    (["optimizer=sgd", "optimizer.momentum=1.5"], 2, "optimizer.momentum must be in [0, 1). Received: 1.5"),
+    (["+architecture.depth=3"], 2, "architecture.depth is not an argument of architectures.mlp.build"),
+    (["callbacks.grad_norm.action=explode"], 2,
+     "callbacks.grad_norm.action must be one of ('warn', 'skip', 'stop', 'rollback'). Received: 'explode'"),
+    (["callbacks.grad_norm.threshold=-1"], 2, "callbacks.grad_norm.threshold must be > 0 or null. Received: -1"),
+    (["callbacks.grad_norm.action=rollback", "callbacks.checkpoint=null"], 2,
+     "callbacks.grad_norm.action=rollback needs checkpoints to roll back to"),
+    (["callbacks.checkpoint.keep=0"], 2, "callbacks.checkpoint.keep must be >= 1. Received: 0"),
+    (["dataset.inject_nan_at_step=-1"], 2, "dataset.inject_nan_at_step must be >= 0 or null. Received: -1"),
+    (["dataset.name=no_such_dataset"], 2, "dataset.name: no TFDS dataset is called 'no_such_dataset'"),
+    (["dataset.prepare=false", "dataset.data_dir={tmp}/empty"], 2,
+     "dataset 'digits' is not prepared in {tmp}/empty/digits/1.0.0 and dataset.prepare=false"),
+    (["dataset.val_fraction=0.9999"], 2,
+     "dataset 'digits': train split has 1437 examples, none left to train on"),  # an empty split
+    (["hydra.run.dir=/proc/no/such/dir"], 1, "hydra.run.dir: cannot create the job's output directory"),
+    (["callbacks.checkpoint.directory=/proc/checkpoints"], 1,
+     "callbacks.checkpoint.directory: cannot write checkpoints to /proc/checkpoints"),
+    (["mlflow.tracking_uri=http://127.0.0.1:1"], 1,
+     "mlflow.tracking_uri: cannot reach the tracking server at http://127.0.0.1:1"),
+    (["resume=0123456789abcdef0123456789abcdef"], 2,
+     "resume: no run '0123456789abcdef0123456789abcdef' in the tracking store"),
+    (["resume=last"], 2, "resume=last: no unfinished run with checkpoints in experiment 'digits'"),
+]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    """`python -m pipeline.train *argv` in this process: (exit code, stderr lines)."""
+    # Hydra's logging setup would bind handlers to pytest's capture streams, which close.
+    sys.argv = ["pipeline.train", *argv, "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return exit_info.value.code, [line for line in err.splitlines() if line.strip()]
+
+
+def error_lines(lines: list[str]) -> list[str]:
+    """The `error:` lines; anything else on stderr is MLflow's own INFO logging."""
+    return [line for line in lines if line.startswith("error: ")]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, tfds_dir: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("argv", "exit_code", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_is_one_line(argv, exit_code, message, workdir: Path, tfds_dir: str, capsys) -> None:
+    argv = [a.replace("{tmp}", str(workdir)) for a in argv]
+    if not any(a.startswith(("dataset.data_dir=", "resume=")) for a in argv):  # a resume takes no other keys
+        argv = [f"dataset.data_dir={tfds_dir}", "trainer.epochs=1", "trainer.verbose=0", *argv]
+    code, lines = run_cli(argv, capsys)
+    assert code == exit_code
+    assert error_lines(lines) == [lines[-1]], lines
+    assert message.replace("{tmp}", str(workdir)) in lines[-1]
+    assert len(BAD_INPUTS) >= 20
+
+
+@pytest.fixture
+def finished_run(workdir: Path, tfds_dir: str) -> str:
+    train(compose_config([f"dataset.data_dir={tfds_dir}", "trainer.epochs=2", "trainer.verbose=0"]))
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("digits").experiment_id])
+    return run.info.run_id
+
+
+def test_resume_refuses_changes_and_loses_nothing(finished_run: str, tfds_dir: str, capsys) -> None:
+    client = MlflowClient()
+    before = client.get_run(finished_run)
+    checkpoints = tf.train.get_checkpoint_state(before.data.tags["checkpoint_dir"]).all_model_checkpoint_paths
+
+    code, lines = run_cli([f"resume={finished_run}", "optimizer.lr=0.1"], capsys)
+    assert code == 2 and error_lines(lines) == [
+        f"error: resume={finished_run}: a resumed run keeps its recorded config; only trainer.epochs may be "
+        "raised. Received: optimizer.lr=0.1"
+    ]
+    code, lines = run_cli([f"resume={finished_run}", "trainer.epochs=1"], capsys)
+    assert code == 2 and error_lines(lines) == [
+        f"error: resume={finished_run}: trainer.epochs may only be raised (the run was configured for 2). Received: 1"
+    ]
+    after = client.get_run(finished_run)
+    assert after.info.status == before.info.status == "FINISHED"
+    assert after.data.metrics == before.data.metrics
+    assert tf.train.get_checkpoint_state(after.data.tags["checkpoint_dir"]).all_model_checkpoint_paths == checkpoints
+
+
+def test_every_checkpoint_corrupt_is_one_line(finished_run: str, capsys) -> None:
+    directory = Path(MlflowClient().get_run(finished_run).data.tags["checkpoint_dir"])
+    for data_file in directory.glob("ckpt-*.data-*"):
+        data_file.write_bytes(b"not a checkpoint")
+    code, lines = run_cli([f"resume={finished_run}", "trainer.epochs=3"], capsys)
+    assert code == 1 and error_lines(lines) == [lines[-1]]
+    assert lines[-1].startswith(f"error: every checkpoint in {directory} is unreadable (ckpt-")
+    assert lines[-1].endswith("); cannot resume")
+    assert MlflowClient().get_run(finished_run).info.status == "FINISHED", "checked before the run reopens"
