@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import secrets
 import sys
 import tempfile
 import warnings
@@ -30,6 +31,7 @@ from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
 from architectures.common import InputSpec
+from pipeline import sweep
 from pipeline.errors import ConfigError, PipelineError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -96,15 +98,22 @@ class RunNames:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, choices: Mapping[str, str], precision: str) -> RunNames:
-        """`precision` is the resolved dtype policy (e.g. mixed_bfloat16 for "mixed")."""
+        """`precision` is the resolved dtype policy (e.g. mixed_bfloat16 for "mixed").
+
+        The default run name is `{architecture}-{dataset}-{precision}-{6 hex digits}`
+        (e.g. `mlp-digits-float32-3fa91c`): what ran, at a glance, and distinct between
+        the runs of a sweep. The run's description (`mlflow.note.content`) says what was
+        trained on what, with which optimizer, rate and epochs.
+        """
         # Under Hydra the group choice ("mlp") names the architecture; without it, the
         # builder's module does (architectures.mlp.build -> "mlp").
         architecture = choices.get("architecture") or cfg.architecture._target_.split(".")[-2]
         dataset = cfg.dataset.name
         return cls(
-            run=cfg.mlflow.run_name or f"{architecture}-{dataset}-{precision}",
+            run=cfg.mlflow.run_name or f"{architecture}-{dataset}-{precision}-{secrets.token_hex(3)}",
             model=cfg.mlflow.registered_model_name or f"{dataset}-{architecture}",
-            tags={"architecture": architecture, "dataset": dataset, "precision": precision},
+            tags={"architecture": architecture, "dataset": dataset, "precision": precision,
+                  "mlflow.note.content": run_description(cfg, choices, architecture, precision)},
         )
 
 
@@ -115,18 +124,25 @@ def start_run(
     tags: Mapping[str, str],
     log_file: Path | None = None,
     run_id: str | None = None,
+    log_system_metrics: bool | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open the training run (or reopen run `run_id`, to resume it) and always close it.
 
     The run ends FINISHED on success, KILLED on Ctrl-C or SIGTERM, and FAILED on any
     other error, with the reason in the `failure_reason` tag, so no run is ever left
     RUNNING for the next job of a sweep. `log_file` (the job's log) is attached to the
-    run either way.
+    run either way. `log_system_metrics` goes to `mlflow.start_run` (None: MLflow's
+    `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` decides; see `provenance.enable_system_metrics`).
     """
     if run_id is None:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+        sweep_job = sweep.current_job()
+        if sweep_job is not None:  # a job of a Hydra sweep: a child of its parent run, named by its overrides
+            run_name = sweep_job["run_name"]
+            tags = {**tags, **sweep_job["tags"], "mlflow.parentRunId": sweep_job["parent_run_id"]}
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags),
+                               log_system_metrics=log_system_metrics)
     else:
-        run = mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
         if "failure_reason" in run.data.tags:  # the reason the previous attempt ended
             MlflowClient().delete_tag(run_id, "failure_reason")
     status = "FAILED"
@@ -364,3 +380,18 @@ def register_champion(cfg: DictConfig, name: str, model_info: ModelInfo, metrics
     log.info("registered models:/%s/%s; @%s %s (previous: %s)", name, version, cfg.champion_alias,
              "moved to it" if promoted else "stays", previous or "none")
     return promoted
+
+
+def run_description(cfg: DictConfig, choices: Mapping[str, str], architecture: str, precision: str) -> str:
+    """Two lines for the run page's description (`mlflow.note.content`, Markdown:
+    a blank line between them, so they stay two lines), e.g.
+
+        mlp trained on digits (batch 128) in float32.
+        adam, lr 0.001 (cosine schedule, 1 warmup epoch), up to 20 epochs, seed 0.
+    """
+    optimizer = choices.get("optimizer") or str(cfg.optimizer._target_).rsplit(".", 1)[-1]
+    schedule = cfg.optimizer.get("schedule", "constant")
+    warmup = cfg.optimizer.get("warmup_epochs", 0) or 0
+    detail = f"{schedule} schedule" + (f", {warmup} warmup epoch{'s' if warmup != 1 else ''}" if warmup else "")
+    return (f"{architecture} trained on {cfg.dataset.name} (batch {cfg.dataset.batch_size}) in {precision}.\n\n"
+            f"{optimizer}, lr {cfg.optimizer.lr:g} ({detail}), up to {cfg.trainer.epochs} epochs, seed {cfg.seed}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_resnet_mixed_reloads_as_float32_without_project_code(tfds_dir: str, tmp
     assert run.data.params["precision.policy"] == "mixed"
     assert run.data.params["precision.resolved_policy"] == "mixed_bfloat16"  # no GPU here
     assert run.data.tags["precision"] == "mixed_bfloat16"
-    assert run.info.run_name == "resnet-digits-mixed_bfloat16"
+    assert re.fullmatch(r"resnet-digits-mixed_bfloat16-[0-9a-f]{6}", run.info.run_name)
     report = reload_without_project(tmp_path, SCORE_DIGITS, f"sqlite:///{tmp_path / 'mlflow.db'}",
                                     "models:/digits-resnet@champion")
     assert report["dtype"] == "float32" and report["shape"] == [360, 10]

@@ -4,6 +4,7 @@ stops a run in one line before any training."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def tags_of(run: dict) -> dict[str, str]:
 def test_run_finished_with_params_metrics_and_tags(server_run: ServerRun) -> None:
     run = server_run.run
     assert run["info"]["status"] == "FINISHED"
-    assert run["info"]["run_name"] == "mlp-digits-float32"
+    assert re.fullmatch(r"mlp-digits-float32-[0-9a-f]{6}", run["info"]["run_name"])
     # Artifacts are proxied by the server, not written to the trainer's disk.
     assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:/")
     params = params_of(run)

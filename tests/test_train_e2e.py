@@ -3,6 +3,7 @@ and the registered SavedModel reloaded in a fresh process that cannot import thi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def trained(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
 def test_run_finished_with_params_and_tags(trained) -> None:
     _, _, run, model, _ = trained
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "mlp-digits-float32"
+    assert re.fullmatch(r"mlp-digits-float32-[0-9a-f]{6}", run.info.run_name)
     params = run.data.params
     assert params["optimizer.lr"] == "0.001"
     assert params["trainer.epochs"] == "2"
