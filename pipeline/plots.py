@@ -200,7 +200,7 @@ def learning_rate_schedule(
     ax.plot(np.arange(total_steps), learning_rates(schedule, total_steps))
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
-    ax.set_title("constant learning rate" if isinstance(schedule, float) else type(schedule).__name__)
+    ax.set_title(_schedule_name(schedule))
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax.grid(alpha=0.3)
     return figure
@@ -212,8 +212,11 @@ def learning_rates(
 ) -> np.ndarray:
     """The rate at steps 0..total_steps-1 as float64 (what `learning_rate_schedule` draws).
 
-    Evaluated in one vectorised call when the schedule allows it (checked against
-    step-by-step values at three steps), else step by step.
+    Evaluated in one vectorised call when the schedule allows it, else in one traced
+    `tf.map_fn` over the steps (schedules that branch on a scalar step, such as
+    CosineDecay's warmup), else step by step; each checked against step-by-step values
+    at three steps. Step by step costs ~4 ms a step for a warmed-up cosine: the
+    traced map turns 5000 steps from 20 s into well under a second.
     """
     import keras
 
@@ -225,15 +228,50 @@ def learning_rates(
     def scalar(step: int) -> float:
         return float(keras.ops.convert_to_numpy(schedule(step)))
 
-    try:
-        # One call for all steps when the schedule is written with element-wise ops.
-        rates = np.asarray(keras.ops.convert_to_numpy(schedule(steps.astype("float32"))), dtype=float)
-    except Exception:  # e.g. CosineDecay's warmup branches on a scalar step (ops.cond)
-        rates = None
     probes = sorted({0, total_steps // 2, total_steps - 1})
-    if rates is None or rates.shape != steps.shape or not np.allclose(rates[probes], [scalar(s) for s in probes]):
-        rates = np.array([scalar(step) for step in steps])
-    return rates
+    expected = [scalar(step) for step in probes]
+    for evaluate in (_rates_vectorised, _rates_mapped_in_graph):
+        try:
+            rates = evaluate(schedule, steps)
+        except Exception:  # this schedule cannot be evaluated that way: try the next
+            continue
+        if rates.shape == steps.shape and np.allclose(rates[probes], expected):
+            return rates
+    return np.array([scalar(step) for step in steps])
+
+
+def _rates_vectorised(schedule: Any, steps: np.ndarray) -> np.ndarray:
+    """One call for all steps, when the schedule is written with element-wise ops."""
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(schedule(steps.astype("float32"))), dtype=float)
+
+
+def _rates_mapped_in_graph(schedule: Any, steps: np.ndarray) -> np.ndarray:
+    """The schedule traced once and mapped over int64 steps (the optimizer's own step
+    dtype) in a TensorFlow graph."""
+    import tensorflow as tf
+
+    @tf.function
+    def rates(all_steps):
+        return tf.map_fn(lambda step: tf.cast(schedule(step), tf.float32), all_steps, fn_output_signature=tf.float32)
+
+    return np.asarray(rates(tf.constant(steps, tf.int64)).numpy(), dtype=float)
+
+
+def _schedule_name(schedule: Any) -> str:
+    """`CosineDecay`, `constant learning rate`; a schedule scaled at run time (the
+    pipeline's `ScaledLearningRate`: `base` x `scale`) as `CosineDecay x 0.5`."""
+    if isinstance(schedule, float):
+        return "constant learning rate"
+    base, scale = getattr(schedule, "base", None), getattr(schedule, "scale", None)
+    if base is not None and scale is not None:
+        import keras
+
+        factor = float(keras.ops.convert_to_numpy(scale))
+        name = "constant learning rate" if isinstance(base, (int, float)) else type(base).__name__
+        return f"{name} x {factor:g}"
+    return type(schedule).__name__
 
 
 def _schedule_of(optimizer_or_schedule: Any) -> Any:
