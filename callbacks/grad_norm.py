@@ -229,7 +229,8 @@ class GradNormGuard(keras.callbacks.Callback):
             metrics = [Metric(key, value, now, step) for key, value, step in self._pending if math.isfinite(value)]
             client = mlflow.MlflowClient()
             for start in range(0, len(metrics), 1000):  # MLflow's per-call limit
-                client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
+                # In the background: nothing waits on these, and MLflow flushes them when the run ends.
+                client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000], synchronous=False)
         self._pending = []
 
 

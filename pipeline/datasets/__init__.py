@@ -7,3 +7,4 @@ from pipeline.datasets.digits import digits_dataset_builder  # noqa: F401  (regi
 from pipeline.datasets.synthetic_multimodal import (  # noqa: F401  (registers "synthetic_multimodal")
     synthetic_multimodal_dataset_builder,
 )
+from pipeline.datasets.synthetic_mnist import synthetic_mnist_dataset_builder  # noqa: F401  (registers "synthetic_mnist")

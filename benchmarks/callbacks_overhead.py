@@ -1,0 +1,63 @@
+"""What the default callbacks cost: the pipeline with them against the pipeline without.
+
+    python benchmarks/callbacks_overhead.py               # mlp on synthetic_mnist, 7 pairs
+    python benchmarks/callbacks_overhead.py --pairs 5 resnet
+
+Candidate: the default `callbacks` group (in-graph gradient-norm and finite checks with
+per-layer norms logged every 50 steps, checkpoints every 500 steps and at each epoch's
+end, early stopping). Baseline: `callbacks=none`, i.e. Keras' own train step with only the
+per-epoch MLflow logging. Both run `pipeline.train.train` in this process, interleaved,
+on `synthetic_mnist` (10.8k training examples, batch 128). Target: >= 0.97.
+
+Last line: `callbacks on/off throughput ratio: mlp 0.99 (median of 7 interleaved pairs)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
+from common import EpochTimer, interleaved  # noqa: E402
+
+EPOCHS = {"mlp": 6, "resnet": 3}
+TRAIN_EXAMPLES = round(12000 * 0.9)
+
+
+def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) -> float:
+    from pipeline.config import compose
+    from pipeline.train import train
+
+    train(compose([f"architecture={architecture}", "dataset=synthetic_mnist", f"dataset.data_dir={data_dir}",
+                   f"callbacks={callbacks}", f"trainer.epochs={EPOCHS[architecture]}", "trainer.verbose=0",
+                   "mlflow.log_model=false", f"mlflow.tracking_uri=sqlite:///{store}",
+                   "+callbacks.zz_timer._target_=common.EpochTimer"]))
+    return TRAIN_EXAMPLES / EpochTimer.steady_epoch_seconds()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("architectures", nargs="*", default=["mlp"])
+    parser.add_argument("--pairs", type=int, default=7)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store, data_dir = Path(tmp) / "mlflow.db", str(Path(tmp) / "tfds")
+        for architecture in args.architectures:
+            print(f"{architecture}: {args.pairs} interleaved pairs (callbacks=none, then default)", flush=True)
+            ratios = interleaved(args.pairs,
+                                 candidate=lambda a=architecture: throughput(a, "default", store, data_dir),
+                                 baseline=lambda a=architecture: throughput(a, "none", store, data_dir))
+            results[architecture] = statistics.median(ratios)
+    summary = ", ".join(f"{name} {ratio:.2f}" for name, ratio in results.items())
+    print(f"callbacks on/off throughput ratio: {summary} (median of {args.pairs} interleaved pairs)")
+
+
+if __name__ == "__main__":
+    main()
