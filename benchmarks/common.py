@@ -7,6 +7,7 @@ run-to-run noise (about ±15% for a 4-epoch run) mostly cancels within a pair.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import statistics
@@ -56,19 +57,15 @@ def interleaved(pairs: int, candidate: Callable[[], float], baseline: Callable[[
 
 
 def machine() -> str:
+    """The CPU, core count and versions, for the README's tables."""
+    import mlflow
     import tensorflow as tf
 
-    import mlflow
-
-    cpu = platform.processor() or platform.machine()
     try:
-        model_name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("model name"))
-        cpu = model_name
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    import os
-
+        cpu = platform.processor() or platform.machine()
     return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, TensorFlow {tf.__version__}, "
             f"Keras {keras.__version__}, MLflow {mlflow.__version__}")
 
