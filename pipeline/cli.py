@@ -10,9 +10,12 @@ fix then ends as a single `error: ...` line and a non-zero exit (2 for config mi
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import sys
+import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -53,17 +56,37 @@ def fail(error: BaseException, exit_code: int) -> None:
     raise SystemExit(exit_code)
 
 
+@dataclass(frozen=True)
+class JobFailure:
+    """What a failed job of a multirun returns to Hydra instead of raising.
+
+    Raising would stop the sweep: Hydra's basic sweeper re-raises a failed job's error
+    once its batch ends, so later batches and `on_multirun_end` (where `pipeline.sweep`
+    closes the parent run and sets the exit code) would never run. It is not a float,
+    so the Optuna sweeper records the trial as failed.
+    """
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"job failed: {self.reason}"
+
+
 def task(function: Task) -> Task:
     """Decorate a Hydra task function so a `PipelineError` inside it ends in one line.
 
     Hydra would print "Error executing job with overrides" and re-raise; a `SystemExit`
-    passes through its job runner untouched.
+    passes through its job runner untouched. In a multirun, a failed job (any error, or
+    a non-finite return value) prints its error and returns a `JobFailure`, and the
+    sweep goes on; Ctrl-C and SIGTERM still stop the whole sweep.
     """
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         global _task_started
         _task_started = True
+        if _in_multirun():
+            return _sweep_job(function, *args, **kwargs)
         try:
             return function(*args, **kwargs)
         except PipelineError as error:
@@ -75,6 +98,37 @@ def task(function: Task) -> Task:
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_job(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get().job.num
+    try:
+        value = function(*args, **kwargs)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except TrainingInterrupted as error:
+        fail(error, error.exit_code)
+    except PipelineError as error:
+        print(f"error: sweep job {job}: {describe(error)}", file=sys.stderr, flush=True)
+        return JobFailure(f"{type(error).__name__}: {describe(error)}")
+    except Exception as error:  # a bug: its traceback belongs in the output
+        traceback.print_exc()
+        return JobFailure(f"{type(error).__name__}: {describe(error)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        reason = f"the value returned to the sweeper is not finite: {value}"
+        print(f"error: sweep job {job}: {reason}", file=sys.stderr, flush=True)
+        return JobFailure(reason)
+    return value
 
 
 _full_error_requested = user_wants_tracebacks()

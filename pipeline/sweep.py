@@ -1,0 +1,424 @@
+"""One MLflow parent run per Hydra sweep, a nested child run per job, a summary at the end.
+
+    python -m pipeline.train -m architecture=mlp,resnet optimizer.lr=1e-3,1e-2
+    python -m pipeline.train -m architecture=mlp,resnet hydra/launcher=joblib hydra.launcher.n_jobs=2
+    python -m pipeline.train hparams_search=optuna
+
+`SweepRuns` is a Hydra callback (`hydra.callbacks.sweep` in `conf/train.yaml`):
+
+- `on_multirun_start` (launching process): opens the tracking store and the experiment
+  once, before any job (parallel jobs racing to create a fresh sqlite schema fail), and
+  creates the RUNNING parent run, tagged with the sweep dir and overrides.
+- `on_job_start` (the job's process, also a joblib worker): tells `tracking.start_run`
+  through `$PIPELINE_SWEEP_JOB` to nest the job's run under the parent and to name it by
+  the job's swept overrides (`architecture=mlp optimizer.lr=0.001`).
+- `on_job_end` (the job's process): a job that failed before opening its run (e.g. a bad
+  value in its overrides) still leaves a FAILED child with its `failure_reason`; a job
+  that ended with a non-finite optimized metric is marked FAILED too.
+- `on_multirun_end` (launching process): logs the summary on the parent (a table with
+  one row per child, the optimized metric against each swept parameter, the best child's
+  run id, `@sweep-best` on its registered model), ends the parent FINISHED, and exits
+  non-zero if a job failed.
+
+A failed job does not stop the sweep: in a multirun, `pipeline.cli.task` returns a
+`JobFailure` instead of raising. Hydra itself swallows callback exceptions as warnings,
+so the exit code is set here with `SystemExit`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# How a sweep job's process learns its parent run and its name: JSON
+# {"parent_run_id", "run_name", "tags"}, set by on_job_start and read by `current_job`.
+JOB_ENV = "PIPELINE_SWEEP_JOB"
+# Metrics of a child that the summary shows besides the optimized one: the exported model's scores.
+SUMMARY_METRIC_PREFIXES = ("final_val_", "test_")
+# sqlite answers "database is locked" when another process holds its write lock for
+# longer than MLflow's busy timeout (20 s); the callback's own writes try again.
+LOCK_RETRIES = 5
+
+T = TypeVar("T")
+
+
+def current_job() -> dict[str, Any] | None:
+    """The sweep job running in this process (`parent_run_id`, `run_name`, `tags`), or
+    None outside a sweep. `tracking.start_run` nests the job's run with it."""
+    raw = os.environ.get(JOB_ENV)
+    return json.loads(raw) if raw else None
+
+
+class SweepRuns(Callback):
+    """Hydra callback: an MLflow parent run for a multirun and its summary.
+
+    Args:
+        best_alias: registered-model alias moved to the best child's model version
+            (when the child registered one); null leaves aliases alone.
+        direction: `maximize` or `minimize` the optimized metric to pick the best child;
+            `auto` takes the Optuna sweeper's direction, else minimizes a metric named
+            `*loss*` and maximizes any other.
+        fail_on_failed_jobs: exit non-zero when any job failed (after the summary).
+    """
+
+    def __init__(self, best_alias: str | None = "sweep-best", direction: str = "auto",
+                 fail_on_failed_jobs: bool = True) -> None:
+        if direction not in ("auto", "maximize", "minimize"):
+            raise ValueError(f"hydra.callbacks.sweep.direction must be auto, maximize or minimize. "
+                             f"Received: {direction!r}")
+        self.best_alias = best_alias
+        self.direction = direction
+        self.fail_on_failed_jobs = fail_on_failed_jobs
+        # Set in on_multirun_start; the callback is pickled with them to joblib workers.
+        self.parent_run_id: str | None = None
+        self.tracking_uri: str | None = None
+        self.experiment_id: str | None = None
+        self.swept_keys: list[str] = []
+        self.optimized_metric = ""
+        self._closed = False
+
+    # -- launching process -------------------------------------------------------------
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from pipeline import cli, tracking
+        from pipeline.errors import PipelineError
+
+        overrides = list(config.hydra.overrides.task)
+        self.swept_keys = swept_keys(overrides, config.hydra.sweeper.get("params"))
+        self.optimized_metric = str(config.optimized_metric)
+        if self.direction == "auto":
+            direction = config.hydra.sweeper.get("direction")
+            self.direction = (str(direction) if direction in ("maximize", "minimize") else
+                              "minimize" if "loss" in self.optimized_metric else "maximize")
+        try:
+            # Creates the schema of a new sqlite store and the experiment once, here,
+            # instead of in every parallel job at the same moment.
+            self.experiment_id = tracking.connect(config.mlflow)
+        except PipelineError as error:
+            cli.fail(error, error.exit_code)  # no store: no job could log anything
+        self.tracking_uri = tracking.tracking_uri(config.mlflow.tracking_uri)
+        _warn_if_parallel_on_sqlite(config, self.tracking_uri)
+
+        sweep_dir = str(Path(str(config.hydra.sweep.dir)).absolute())
+        sweeper = str(config.hydra.sweeper._target_).rpartition(".")[2]
+        launcher = str(config.hydra.launcher._target_).rpartition(".")[2]
+        searched = [o for o in overrides if _key(o) in self.swept_keys]
+        searched += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()
+                     if k not in {_key(o) for o in searched}]  # the command line's range wins
+        run = _retry(lambda: MlflowClient(self.tracking_uri).create_run(
+            self.experiment_id,
+            run_name=("sweep " + " ".join(searched) if searched else f"sweep {sweeper}")[:250],
+            tags={
+                "sweep.dir": sweep_dir,
+                "sweep.overrides": " ".join(overrides) if overrides else "(none)",
+                "sweep.sweeper": sweeper,
+                "sweep.launcher": launcher,
+                "sweep.optimized_metric": f"{self.optimized_metric} ({self.direction})",
+                "mlflow.source.name": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            },
+        ))
+        self.parent_run_id = run.info.run_id
+        # If the sweep dies before on_multirun_end (a crashed sweeper, Ctrl-C), the parent
+        # still ends, instead of staying RUNNING.
+        atexit.register(self._end_unfinished_parent)
+        log.info("sweep: parent run %s in experiment %s at %s", self.parent_run_id, self.experiment_id,
+                 self.tracking_uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id is None:
+            return
+        summary = self._end_parent("FINISHED")
+        log.info("sweep: %s", summary.headline())
+        if summary.failed and self.fail_on_failed_jobs:
+            for row in summary.failed:
+                print(f"error: sweep job {row['job']} ({row['run_name']}): {row['failure_reason']}",
+                      file=sys.stderr)
+            print(f"error: {len(summary.failed)} of {len(summary.rows)} sweep jobs failed; "
+                  f"parent run {self.parent_run_id}", file=sys.stderr, flush=True)
+            # Hydra turns an Exception raised by a callback into a warning; SystemExit passes.
+            raise SystemExit(1)
+
+    def _end_parent(self, status: str, reason: str | None = None) -> Summary:
+        """Log the summary of the children so far on the parent, then end it with `status`."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        self._closed = True
+        try:
+            children = sorted(_retry(lambda: find_children(client, self.parent_run_id)),
+                              key=lambda run: int(run.data.tags.get("sweep.job", "0") or 0))
+            summary = Summary.of(children, self.optimized_metric, self.direction)
+            self._log_summary(client, summary)
+        finally:
+            if reason:
+                _retry(lambda: client.set_tag(self.parent_run_id, "failure_reason", reason))
+            _retry(lambda: client.set_terminated(self.parent_run_id, status))
+        return summary
+
+    def _log_summary(self, client, summary: Summary) -> None:
+        run_id = self.parent_run_id
+        tags = {
+            "sweep.jobs": str(len(summary.rows)),
+            "sweep.finished": str(len(summary.rows) - len(summary.failed)),
+            "sweep.failed": str(len(summary.failed)),
+            "mlflow.note.content": summary.markdown(),
+        }
+        if summary.failed:
+            tags["sweep.failures"] = "; ".join(f"{row['run_name']}: {row['failure_reason']}"
+                                               for row in summary.failed)[:5000]
+        if summary.best is not None:
+            tags["sweep.best_run_id"] = summary.best["run_id"]
+            tags["sweep.best_run_name"] = summary.best["run_name"]
+            _retry(lambda: client.log_metric(run_id, f"best_{self.optimized_metric}",
+                                             summary.best[self.optimized_metric]))
+        for key, value in tags.items():
+            _retry(lambda key=key, value=value: client.set_tag(run_id, key, value))
+        if summary.rows:
+            _retry(lambda: client.log_table(run_id, summary.table(), "sweep_summary.json"))
+        if summary.params and summary.best is not None:
+            figure = metric_vs_params(summary.rows, self.optimized_metric, summary.params)
+            _retry(lambda: client.log_figure(run_id, figure, "sweep_metric_vs_params.png"))
+        if self.best_alias and summary.best is not None and summary.best.get("registered_model"):
+            name, _, version = summary.best["registered_model"].rpartition("/")
+            _retry(lambda: client.set_registered_model_alias(name, self.best_alias, version))
+            _retry(lambda: client.set_tag(run_id, "sweep.best_model", f"models:/{name}@{self.best_alias}"))
+
+    def _end_unfinished_parent(self) -> None:
+        if self._closed or self.parent_run_id is None:
+            return
+        try:
+            self._end_parent("FAILED", "the sweep stopped before on_multirun_end (see the command's output); "
+                                       "the summary covers the jobs that ran")
+        except Exception:  # at interpreter exit: report, never raise
+            log.exception("could not end sweep parent run %s", self.parent_run_id)
+
+    # -- job process -------------------------------------------------------------------
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id is None:  # a single run, not a sweep
+            return
+        job = str(config.hydra.job.num)
+        swept = [o for o in config.hydra.overrides.task if _key(o) in self.swept_keys]
+        params = {_key(o): o.partition("=")[2] for o in swept}
+        os.environ[JOB_ENV] = json.dumps({
+            "parent_run_id": self.parent_run_id,
+            "run_name": " ".join(swept) or f"job {job}",
+            "tags": {"sweep.job": job, "sweep.params": json.dumps(params)},
+        })
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        job = current_job()
+        os.environ.pop(JOB_ENV, None)  # the next job in this process is not this one
+        if self.parent_run_id is None or job is None:
+            return
+        reason = failure_of(job_return)
+        if reason is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        number = job["tags"]["sweep.job"]
+        runs = _retry(lambda: find_children(client, self.parent_run_id, f"tags.`sweep.job` = '{number}'"))
+        child = runs[0] if runs else None
+        if child is not None and child.info.status == "FAILED":
+            return  # tracking.start_run recorded the reason already
+        if child is None:  # failed before it opened its run: validation, data, model building
+            tags = {**job["tags"], "mlflow.parentRunId": self.parent_run_id}
+            child = _retry(lambda: client.create_run(self._job_experiment(client, config), run_name=job["run_name"],
+                                                     tags=tags))
+            log_file = Path(str(config.hydra.runtime.output_dir)) / f"{config.hydra.job.name}.log"
+            if log_file.is_file():
+                _retry(lambda: client.log_artifact(child.info.run_id, str(log_file)))
+        _retry(lambda: client.set_tag(child.info.run_id, "failure_reason", " ".join(reason.split())[:5000]))
+        _retry(lambda: client.set_terminated(child.info.run_id, "FAILED"))
+
+    def _job_experiment(self, client, config: DictConfig) -> str:
+        """The job's own experiment if its config names one, else the parent's."""
+        name = OmegaConf.select(config, "mlflow.experiment_name", throw_on_resolution_failure=False)
+        if not name or not str(name).strip():
+            return str(self.experiment_id)
+        experiment = client.get_experiment_by_name(str(name))
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(str(name))
+        except Exception:  # another job created it a moment ago
+            return client.get_experiment_by_name(str(name)).experiment_id
+
+
+def failure_of(job_return: JobReturn) -> str | None:
+    """Why a job failed, or None if it succeeded: an error `pipeline.cli.task` turned into
+    a `JobFailure` (or a non-finite optimized metric), or an exception that reached Hydra."""
+    from pipeline.cli import JobFailure
+
+    if job_return.status == JobStatus.FAILED:
+        error = job_return._return_value  # `return_value` would re-raise it
+        return f"{type(error).__name__}: {error}"
+    value = job_return.return_value
+    return value.reason if isinstance(value, JobFailure) else None
+
+
+def swept_keys(overrides: Sequence[str], search_space: Mapping[str, Any] | None) -> list[str]:
+    """Config keys a sweep varies: its sweep overrides (`a=1,2`, `glob(*)`, `interval(..)`)
+    and the sweeper's search space (`hydra.sweeper.params`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return keys + [str(k) for k in (search_space or {}) if str(k) not in keys]
+
+
+def _key(override: str) -> str:
+    """`+optimizer.lr=0.1` -> `optimizer.lr`; group overrides keep their group."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def find_children(client, parent_run_id: str, extra_filter: str = "") -> list:
+    """Every run nested under `parent_run_id`, in any experiment (jobs may log to their own)."""
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and {extra_filter}" if extra_filter else "")
+    return client.search_runs(experiment_ids, query, max_results=10_000)
+
+
+class Summary:
+    """The rows of a sweep summary: one per child run, plus the failed rows and the best one."""
+
+    def __init__(self, rows: list[dict[str, Any]], params: list[str], metric: str, direction: str) -> None:
+        self.rows = rows
+        self.params = params
+        self.metric = metric
+        self.failed = [row for row in rows if row["status"] != "FINISHED"]
+        scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))]
+        pick = max if direction == "maximize" else min
+        self.best = pick(scored, key=lambda row: row[metric]) if scored else None
+
+    @classmethod
+    def of(cls, children: Sequence, metric: str, direction: str) -> Summary:
+        rows, params = [], []
+        for run in children:
+            swept = json.loads(run.data.tags.get("sweep.params", "{}"))
+            params += [key for key in swept if key not in params]
+            metrics = {k: v for k, v in run.data.metrics.items()
+                       if k == metric or k.startswith(SUMMARY_METRIC_PREFIXES)}
+            rows.append({
+                "job": int(run.data.tags.get("sweep.job", "0") or 0),
+                "run_name": run.info.run_name,
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "failure_reason": run.data.tags.get("failure_reason", ""),
+                "registered_model": run.data.tags.get("registered_model", ""),
+                **{f"param {key}": value for key, value in swept.items()},
+                **{k: float(v) for k, v in sorted(metrics.items())},
+            })
+        return cls(rows, params, metric, direction)
+
+    def table(self) -> dict[str, list]:
+        """Column -> values, one value per child (MLflow's `log_table` format)."""
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        return {column: [row.get(column, None) for row in self.rows] for column in columns}
+
+    def headline(self) -> str:
+        best = (f"; best: {self.best['run_name']} ({self.metric} {self.best[self.metric]:.4g}, "
+                f"run {self.best['run_id']})" if self.best else "; no job finished with a finite " + self.metric)
+        return f"{len(self.rows)} jobs, {len(self.rows) - len(self.failed)} finished, {len(self.failed)} failed" + best
+
+    def markdown(self) -> str:
+        """The run description of the parent: the headline and one table row per child."""
+        metrics = [self.metric] + sorted({k for row in self.rows for k in row
+                                         if k.startswith(SUMMARY_METRIC_PREFIXES) and k != self.metric})
+        lines = [f"**Sweep**: {self.headline()}.", "",
+                 "| job | run | status | " + " | ".join(metrics) + " | failure |",
+                 "|---" * (4 + len(metrics)) + "|"]
+        for row in self.rows:
+            values = [f"{row[m]:.4g}" if m in row else "" for m in metrics]
+            reason = row["failure_reason"].replace("|", "/")[:200]
+            lines.append(f"| {row['job']} | {row['run_name']} | {row['status']} | " + " | ".join(values)
+                         + f" | {reason} |")
+        return "\n".join(lines)
+
+
+def metric_vs_params(rows: Sequence[Mapping[str, Any]], metric: str, params: Sequence[str]) -> Figure:
+    """The optimized metric of every finished child against each swept parameter.
+
+    Numeric parameters get a numeric axis (logarithmic when positive and spanning 100x or
+    more, as learning rates do); others one tick per value. Failed children are left out
+    and counted in the title.
+
+    Args:
+        rows: `Summary.rows`: `status`, `param <name>` (the override's value) and metrics.
+        metric: the y axis, e.g. `final_val_accuracy`.
+        params: the swept parameters, one axes each.
+
+    Returns:
+        A figure with one axes per parameter, built without pyplot (safe in any process).
+    """
+    if not params:
+        raise ValueError("params must name at least one swept parameter. Received: []")
+    scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))]
+    figure = Figure(figsize=(4.5 * len(params), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(params), squeeze=False).ravel()
+    for ax, param in zip(axes, params):
+        points = [(row.get(f"param {param}"), row[metric]) for row in scored if f"param {param}" in row]
+        numbers = _as_numbers([x for x, _ in points])
+        if numbers is not None:
+            ax.scatter(numbers, [y for _, y in points], zorder=3)
+            if numbers and min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+                ax.set_xscale("log")
+        else:
+            categories = list(dict.fromkeys(str(x) for x, _ in points))
+            ax.scatter([categories.index(str(x)) for x, _ in points], [y for _, y in points], zorder=3)
+            ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 3 else 0)
+            ax.set_xlim(-0.5, len(categories) - 0.5)
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    failed = len(rows) - len(scored)
+    figure.suptitle(f"{metric} per sweep job" + (f" ({failed} failed, not shown)" if failed else ""))
+    return figure
+
+
+def _as_numbers(values: Sequence[Any]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+
+
+def _warn_if_parallel_on_sqlite(config: DictConfig, uri: str) -> None:
+    launcher = str(config.hydra.launcher._target_)
+    n_jobs = config.hydra.launcher.get("n_jobs")
+    if uri.startswith("sqlite") and "BasicLauncher" not in launcher and n_jobs != 1:
+        log.warning(
+            "sweep: %s runs jobs in parallel against the sqlite store %s. A few processes work (MLflow waits up "
+            "to 20 s for sqlite's write lock), more may fail with 'database is locked'. For parallel sweeps run "
+            "a tracking server (mlflow server --backend-store-uri sqlite:///mlflow.db) and pass mlflow=server.",
+            launcher.rpartition(".")[2], uri)
+
+
+def _retry(call: Callable[[], T]) -> T:
+    """`call()`, tried again while sqlite reports "database is locked"."""
+    for attempt in range(LOCK_RETRIES):
+        try:
+            return call()
+        except Exception as error:
+            if "database is locked" not in str(error) or attempt == LOCK_RETRIES - 1:
+                raise
+            time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")
