@@ -27,6 +27,7 @@ PRECISION_POLICIES = ("float32", "mixed", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "cosine")
 # Keys of an architecture config that go to `model.compile`, not to its builder.
 RESERVED_ARCHITECTURE_KEYS = ("compile",)
+DEBUG_MODES = ("smoke", "overfit", "limit")
 
 
 @dataclass
@@ -102,6 +103,14 @@ class MLflowConfig:
 
 
 @dataclass
+class DebugConfig:
+    mode: str = MISSING
+    limit_batches: Optional[int] = None
+    limit_fraction: Optional[float] = None
+    overfit_steps: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
     seed: int = MISSING
     optimized_metric: str = MISSING
@@ -116,6 +125,8 @@ class TrainConfig:
     # name -> `_target_` config of a Keras callback; null drops one.
     callbacks: Dict[str, Any] = field(default_factory=dict)
     mlflow: MLflowConfig = MISSING
+    # debug=smoke|overfit|limit (conf/debug/) shrinks the data; null trains normally.
+    debug: Optional[DebugConfig] = None
 
 
 @dataclass
@@ -208,6 +219,12 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "mlflow.champion_alias", lambda v: v.strip() and v != "latest",
            "must be a non-empty alias other than 'latest' (MLflow reserves it)")
     _check(cfg, "mlflow.champion_mode", lambda v: v in ("max", "min"), "must be 'max' or 'min'")
+
+    if cfg.get("debug") is not None:
+        _check(cfg, "debug.mode", lambda v: v in DEBUG_MODES, f"must be one of {DEBUG_MODES}")
+        _check(cfg, "debug.limit_batches", lambda v: v is None or v >= 1, "must be >= 1 or null")
+        _check(cfg, "debug.limit_fraction", lambda v: v is None or 0 < v <= 1, "must be in (0, 1] or null")
+        _check(cfg, "debug.overfit_steps", lambda v: v is None or v >= 1, "must be >= 1 or null")
 
     _check_target(cfg, "optimizer")
     builder = _check_target(cfg, "architecture")
