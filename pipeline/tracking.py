@@ -175,8 +175,10 @@ class Resume:
     architecture: str
 
 
-# What a resume may change: which run, where the store is, and (only upwards) the epochs.
-RESUME_OVERRIDES = ("resume=", "trainer.epochs=", "mlflow.tracking_uri=", "mlflow.experiment_name=", "hydra.")
+# What a resume or reproduction may change: which run, where the store is, determinism,
+# and (a resume, only upwards) the epochs.
+KEPT_CONFIG_OVERRIDES = ("resume=", "reproduce=", "trainer.epochs=", "mlflow.tracking_uri=",
+                         "mlflow.experiment_name=", "determinism=", "hydra.")
 
 
 def resumable_run(cfg: DictConfig, overrides: list[str]) -> Resume:
@@ -185,10 +187,8 @@ def resumable_run(cfg: DictConfig, overrides: list[str]) -> Resume:
 
     Only `trainer.epochs` may differ from the recorded config, and only upwards.
     """
-    changed = [o for o in overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDES)]
-    if changed:
-        raise ConfigError(f"resume={cfg.resume}: a resumed run keeps its recorded config; only trainer.epochs may "
-                          f"be raised. Received: {' '.join(changed)}")
+    _refuse_changes(f"resume={cfg.resume}", "a resumed run keeps its recorded config; only trainer.epochs may "
+                    "be raised", overrides)
     experiment_id = connect(cfg.mlflow)
     client = MlflowClient()
     if cfg.resume == "last":
@@ -199,19 +199,12 @@ def resumable_run(cfg: DictConfig, overrides: list[str]) -> Resume:
                               f"{cfg.mlflow.experiment_name!r} at {mlflow.get_tracking_uri()}")
         run = runs[0]
     else:
-        try:
-            run = client.get_run(str(cfg.resume))
-        except Exception:  # unknown id, malformed id: MLflow raises several types
-            raise ConfigError(f"resume: no run {cfg.resume!r} in the tracking store at "
-                              f"{mlflow.get_tracking_uri()}") from None
+        run = _get_run("resume", cfg.resume)
     run_id = run.info.run_id
     checkpoint_dir = run.data.tags.get("checkpoint_dir")
     if not checkpoint_dir:
         raise ConfigError(f"resume={cfg.resume}: run {run_id} saved no checkpoints (callbacks.checkpoint was off)")
-    try:
-        recorded = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
-    except Exception as error:
-        raise ConfigError(f"resume={cfg.resume}: cannot read the config run {run_id} recorded: {error}") from None
+    recorded = recorded_config("resume", cfg, run_id)
     epochs = recorded.trainer.epochs
     if any(o.startswith("trainer.epochs=") for o in overrides):
         if cfg.trainer.epochs < epochs:
@@ -219,9 +212,42 @@ def resumable_run(cfg: DictConfig, overrides: list[str]) -> Resume:
                               f"for {epochs}). Received: {cfg.trainer.epochs}")
         epochs = cfg.trainer.epochs
     recorded.trainer.epochs = epochs
-    recorded.resume = None
-    recorded.mlflow.tracking_uri = cfg.mlflow.tracking_uri
     return Resume(run_id, recorded, checkpoint_dir, run.data.tags.get("architecture", ""))
+
+
+def reproduced_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str]:
+    """The config run `cfg.reproduce` recorded, to train again as a new run; and that
+    run's architecture name."""
+    _refuse_changes(f"reproduce={cfg.reproduce}", "a reproduction uses the run's recorded config", overrides)
+    connect(cfg.mlflow)
+    run = _get_run("reproduce", cfg.reproduce)
+    return recorded_config("reproduce", cfg, run.info.run_id), run.data.tags.get("architecture", "")
+
+
+def _refuse_changes(what: str, why: str, overrides: list[str]) -> None:
+    changed = [o for o in overrides if not o.lstrip("+~").startswith(KEPT_CONFIG_OVERRIDES)]
+    if changed:
+        raise ConfigError(f"{what}: {why}. Received: {' '.join(changed)}")
+
+
+def _get_run(key: str, run_id: str):
+    try:
+        return MlflowClient().get_run(str(run_id))
+    except Exception:  # unknown id, malformed id: MLflow raises several types
+        raise ConfigError(f"{key}: no run {run_id!r} in the tracking store at {mlflow.get_tracking_uri()}") from None
+
+
+def recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:
+    """`config.yaml` of run `run_id`, with this invocation's store and determinism."""
+    try:
+        recorded = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    except Exception as error:
+        raise ConfigError(f"{key}={cfg[key]}: cannot read the config run {run_id} recorded: {error}") from None
+    recorded.resume = None
+    recorded.reproduce = None
+    recorded.determinism = cfg.determinism
+    recorded.mlflow.tracking_uri = cfg.mlflow.tracking_uri
+    return recorded
 
 
 def _tag_failure(run_id: str, reason: str) -> None:

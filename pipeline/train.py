@@ -56,10 +56,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from pipeline import data, precision, tracking
     from pipeline.guarded import GuardedModel, TrainProgress
 
+    # A resume or a reproduction trains with the config an earlier run recorded.
     resume = tracking.resumable_run(cfg, _overrides()) if cfg.resume else None
+    reproduces, architecture = None, None  # architecture: the group choice the earlier run recorded
     if resume is not None:
-        cfg = resume.config
-        validate(cfg)
+        cfg, architecture = resume.config, resume.architecture
+    elif cfg.reproduce:
+        reproduces = cfg.reproduce
+        cfg, architecture = tracking.reproduced_config(cfg, _overrides())
+    if resume is not None or reproduces is not None:
+        validate(cfg)  # the recorded config, against today's code
+    if cfg.determinism:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()  # for the whole process: TensorFlow has no off switch
     callbacks = instantiate_callbacks(cfg)
     guard = next((c for c in callbacks if isinstance(c, GradNormGuard)), None)
     checkpointing = next((c for c in callbacks if isinstance(c, Checkpointing)), None)
@@ -76,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         splits = data.load(cfg.dataset, seed=cfg.seed)
         log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
 
-        model = build_model(cfg, splits.input_spec, resume.architecture if resume else None)
+        model = build_model(cfg, splits.input_spec, architecture)
         # Trains `model` with the gradient-norm and finite checks in its train step.
         guarded = GuardedModel(model, guard.step_guard if guard else None, epoch=splits.epoch)
         guarded.compile(
@@ -101,10 +111,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     state.re_enter_epoch()
 
         experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
-        names = tracking.RunNames.from_config(cfg, {"architecture": resume.architecture} if resume else _choices(),
+        names = tracking.RunNames.from_config(cfg, {"architecture": architecture} if architecture else _choices(),
                                               policy)
         with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file(),
                                 run_id=resume.run_id if resume else None) as run:
+            if reproduces is not None:
+                mlflow.set_tag("reproduces", reproduces)
             if resume is None:
                 tracking.log_config(cfg, _overrides())
                 mlflow.log_param("precision.resolved_policy", policy)
