@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import register_dataset_source
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,12 @@ def _git(directory: str, *args: str) -> str | None:
 # -- datasets -------------------------------------------------------------------------
 class TFDSSource(DatasetSource):
     """Where a TFDS dataset was read from: the prepared directory (if known) and the
-    builder name and version, which reproduce it anywhere (`tfds build NAME`)."""
+    builder name and version, which reproduce it anywhere (`tfds build NAME`).
+
+    Registered with MLflow, so `mlflow.data.get_source(run.inputs.dataset_inputs[0])`
+    returns one (in a process that imported this module) and `.load()` gives the TFDS
+    builder back.
+    """
 
     def __init__(self, name: str, version: str, data_dir: str | None = None) -> None:
         self.name, self.version, self.data_dir = name, version, data_dir
@@ -152,9 +158,13 @@ class TFDSSource(DatasetSource):
         return "tfds"
 
     def load(self, **kwargs) -> Any:
+        """The TFDS builder: read from the recorded directory (no builder code needed),
+        else by name and version from TFDS's default data dir."""
         import tensorflow_datasets as tfds
 
-        return tfds.builder(f"{self.name}:{self.version}", data_dir=self.data_dir, **kwargs)
+        if self.data_dir and Path(self.data_dir).is_dir():
+            return tfds.builder_from_directory(self.data_dir)
+        return tfds.builder(f"{self.name}:{self.version}", **kwargs)
 
     @staticmethod
     def _can_resolve(raw_source: Any) -> bool:
@@ -170,6 +180,9 @@ class TFDSSource(DatasetSource):
     @classmethod
     def from_dict(cls, source_dict: dict[Any, Any]) -> TFDSSource:
         return cls(source_dict["name"], source_dict["version"], source_dict.get("data_dir"))
+
+
+register_dataset_source(TFDSSource)
 
 
 class SplitDataset(Dataset):

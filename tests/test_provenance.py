@@ -175,10 +175,11 @@ def test_run_carries_name_description_and_provenance(mlflow_store: str) -> None:
 
 
 # -- datasets -------------------------------------------------------------------------
-def test_dataset_inputs_read_back(mlflow_store: str, tmp_path: Path) -> None:
+def test_dataset_inputs_read_back(mlflow_store: str, tfds_dir: str) -> None:
     sizes = {"train": 1293, "val": 144, "test": 360}
+    data_dir = f"{tfds_dir}/digits/1.0.0"  # what the pipeline records: TFDS's info.data_dir
     with mlflow.start_run(experiment_id=new_experiment("datasets")) as run:
-        logged = provenance.log_dataset_input("digits", "1.0.0", sizes, data_dir=str(tmp_path / "digits/1.0.0"))
+        logged = provenance.log_dataset_input("digits", "1.0.0", sizes, data_dir=data_dir)
     inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     assert len(inputs) == 3
     by_split = {}
@@ -192,12 +193,16 @@ def test_dataset_inputs_read_back(mlflow_store: str, tmp_path: Path) -> None:
         assert dataset.name == "digits:1.0.0"
         assert re.fullmatch(r"[0-9a-f]{8}", dataset.digest)
         assert dataset.source_type == "tfds"
-        assert json.loads(dataset.source) == {"name": "digits", "version": "1.0.0",
-                                              "data_dir": str(tmp_path / "digits/1.0.0")}
+        assert json.loads(dataset.source) == {"name": "digits", "version": "1.0.0", "data_dir": data_dir}
         assert json.loads(dataset.profile) == {"split": split, "num_examples": sizes[split]}
         assert tags["examples"] == str(sizes[split])
     assert len({dataset.digest for dataset, _ in by_split.values()}) == 3, "one digest per split"
     assert [d.digest for d in logged] == [by_split[split][0].digest for split in sizes]
+    # The recorded source leads back to the data.
+    source = mlflow.data.get_source(inputs[0])
+    assert isinstance(source, provenance.TFDSSource) and source.data_dir == data_dir
+    builder = source.load()
+    assert builder.info.version == "1.0.0" and builder.info.splits["test"].num_examples == 360
 
 
 def test_dataset_digest_identifies_the_data_not_its_location() -> None:
