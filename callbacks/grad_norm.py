@@ -214,7 +214,10 @@ class GradNormGuard(keras.callbacks.Callback):
         import mlflow
 
         if mlflow.active_run() is not None:
-            mlflow.log_text("\n".join(json.dumps(e) for e in self.events) + "\n", "events.jsonl")
+            try:
+                mlflow.log_text("\n".join(json.dumps(e) for e in self.events) + "\n", "events.jsonl")
+            except Exception as error:  # the store is gone; the event is in the log and the error
+                log.warning("could not log events.jsonl to MLflow: %s", error)
 
     def _flush(self) -> None:
         """Log the recorded per-step values in one batched call."""

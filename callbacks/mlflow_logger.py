@@ -2,17 +2,26 @@
 
 Only `on_epoch_end` is overridden: a callback that defines `on_train_batch_end` makes
 Keras 3 synchronise with the device after every step.
+
+If the tracking store stops answering (MLflow's client has already retried), training
+goes on: the epoch's metrics go to a local JSON-lines file instead, every later epoch
+tries the store again and replays what it missed once the store is back.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from pathlib import Path
 
 import keras
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline.optim import current_learning_rate
+
+log = logging.getLogger(__name__)
 
 
 def nested_layers(model: keras.layers.Layer):
@@ -44,12 +53,17 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         run_id: the run to log into.
         client: the `MlflowClient` to log with; by default one for the current
             tracking URI.
+        offline_file: where epochs go while the store does not answer.
     """
 
-    def __init__(self, run_id: str, client: MlflowClient | None = None) -> None:
+    def __init__(self, run_id: str, client: MlflowClient | None = None,
+                 offline_file: Path | None = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.client = client or MlflowClient()
+        self.offline_file = offline_file or Path(f"offline-metrics-{run_id}.jsonl")
+        self.unlogged: list[Metric] = []  # epochs the store has not got yet
+        self.first_failure: str | None = None
         self._logged: set[tuple[str, int]] = set()
 
     def on_train_begin(self, logs=None) -> None:
@@ -67,8 +81,26 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         for layer in nested_layers(self.model):
             if callable(getattr(layer, "logged_values", None)):
                 values.update(layer.logged_values())
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(key, value, timestamp, epoch) for key, value in values.items()
-                     if (key, epoch) not in self._logged],
-        )
+        metrics = [Metric(key, value, timestamp, epoch) for key, value in values.items()
+                   if (key, epoch) not in self._logged]
+        self.unlogged.extend(metrics)
+        try:
+            for start in range(0, len(self.unlogged), 1000):  # MLflow's per-call limit
+                self.client.log_batch(self.run_id, metrics=self.unlogged[start:start + 1000])
+        except Exception as error:  # the store is gone (its client has retried): keep training
+            self._write_offline(epoch, metrics, error)
+        else:
+            if self.first_failure is not None:
+                log.warning("the MLflow store answers again: epochs logged to %s are now in run %s too",
+                            self.offline_file, self.run_id)
+            self.unlogged, self.first_failure = [], None
+
+    def _write_offline(self, epoch: int, metrics: list[Metric], error: Exception) -> None:
+        if self.first_failure is None:
+            self.first_failure = f"epoch {epoch}: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+            log.warning("cannot log to MLflow (%s); training goes on, metrics go to %s", self.first_failure,
+                        self.offline_file)
+        with self.offline_file.open("a") as file:
+            for metric in metrics:
+                file.write(json.dumps({"run_id": self.run_id, "key": metric.key, "value": metric.value,
+                                       "step": metric.step, "timestamp": metric.timestamp}) + "\n")

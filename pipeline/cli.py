@@ -30,6 +30,11 @@ Task = TypeVar("Task", bound=Callable[..., Any])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # Progress bars for a few small artifact downloads only clutter the terminal.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's default HTTP retries give up on a dead server after ~4 minutes per call;
+# 3 retries (about 15 s) ride out a restart, then training goes on without the store.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def user_wants_tracebacks() -> bool:

@@ -162,7 +162,10 @@ def start_run(
                 mlflow.log_artifact(str(log_file))
             except Exception:  # a lost log must not hide the run's real outcome
                 log.exception("could not attach %s to run %s", log_file, run.info.run_id)
-        mlflow.end_run(status)
+        try:
+            mlflow.end_run(status)  # leaves no active run even when the store does not answer
+        except Exception:
+            log.exception("could not mark run %s %s in the MLflow store", run.info.run_id, status)
 
 
 @dataclass(frozen=True)

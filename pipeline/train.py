@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
 from pipeline.config import RESERVED_ARCHITECTURE_KEYS, validate
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 
 if TYPE_CHECKING:
     import keras
@@ -135,7 +135,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
             # The guard acts on a bad step before anything else sees the epoch; the
             # checkpoint comes last, once the epoch is logged and early stopping updated.
-            fit_callbacks = [TrainProgress(), *callbacks, MLflowEpochLogger(run.info.run_id)]
+            epoch_logger = MLflowEpochLogger(run.info.run_id, offline_file=_output_dir() / "offline-metrics.jsonl")
+            fit_callbacks = [TrainProgress(), *callbacks, epoch_logger]
             if checkpointing is not None:
                 fit_callbacks.remove(checkpointing)
                 fit_callbacks.append(checkpointing)
@@ -161,13 +162,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if splits.val is not None:
                 final |= {f"final_val_{k}": float(v)
                           for k, v in guarded.evaluate(splits.val, return_dict=True, verbose=0).items()}
-            mlflow.log_metrics(final, step=epochs_done)
             log.info("final: %s", {k: round(v, 4) for k, v in sorted(final.items())})
             metrics = {metric_key(k): float(v[-1]) for k, v in history.history.items()} | final
-
-            if cfg.mlflow.log_model:
-                model_info = tracking.log_saved_model(model, splits.input_spec, names.model)
-                tracking.register_champion(cfg.mlflow, names.model, model_info, metrics)
+            try:
+                if epoch_logger.first_failure is not None:
+                    raise ConnectionError(f"unreachable since {epoch_logger.first_failure}")
+                mlflow.log_metrics(final, step=epochs_done)
+                if cfg.mlflow.log_model:
+                    model_info = tracking.log_saved_model(model, splits.input_spec, names.model)
+                    tracking.register_champion(cfg.mlflow, names.model, model_info, metrics)
+            except Exception as error:  # the store went away: keep what training produced
+                saved = _output_dir() / "model.keras"
+                model.save(saved)
+                raise PipelineError(
+                    f"training finished but MLflow could not record it ({' '.join(str(error).split())[:300]}). "
+                    f"Kept: the model in {saved}, per-epoch metrics in {epoch_logger.offline_file}"
+                    + (f", checkpoints in {checkpointing.directory}" if checkpointing else "")
+                ) from error
     return metrics
 
 
@@ -184,6 +195,12 @@ def instantiate_callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
             message = str(cause) if str(cause).startswith(f"callbacks.{name}") else f"callbacks.{name}: {cause}"
             raise ConfigError(message) from None
     return callbacks
+
+
+def _output_dir() -> Path:
+    """The job's output directory under Hydra (outputs/DATE/TIME/), else the current one."""
+    log_file = _job_log_file()
+    return log_file.parent.absolute() if log_file is not None else Path.cwd()
 
 
 def _checkpoint_dir(checkpointing, run_id: str) -> Path:
