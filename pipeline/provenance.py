@@ -298,6 +298,9 @@ def enable_system_metrics(
     if importlib.util.find_spec("psutil") is None:
         log.warning("system metrics off: the psutil package is missing (`pip install psutil`)")
         return False
+    # MLflow announces starting, stopping and "no GPU" at INFO on every run: debug
+    # detail for a training run's terminal. Its warnings and errors still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     for variable, value in ((MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, float(sampling_interval)),
                             (MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING, int(samples_before_logging))):
         if not variable.defined or variable.name in _set_by_us:
