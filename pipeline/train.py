@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from callbacks.checkpoint import Checkpointing
     from callbacks.grad_norm import GradNormGuard
     from callbacks.mlflow_logger import MLflowEpochLogger, metric_key
-    from pipeline import data, precision, tracking
+    from pipeline import data, precision, provenance, report, tracking
     from pipeline.guarded import GuardedModel, TrainProgress
 
     # A resume or a reproduction trains with the config an earlier run recorded.
@@ -113,14 +113,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         experiment_id = tracking.connect(cfg.mlflow)  # an unreachable store fails now, not after training
         names = tracking.RunNames.from_config(cfg, {"architecture": architecture} if architecture else _choices(),
                                               policy)
-        with tracking.start_run(experiment_id, names.run, names.tags, log_file=_job_log_file(),
-                                run_id=resume.run_id if resume else None) as run:
+        with tracking.start_run(experiment_id, names.run, names.tags | provenance.provenance_tags(_overrides()),
+                                log_file=_job_log_file(), run_id=resume.run_id if resume else None,
+                                log_system_metrics=provenance.enable_system_metrics()) as run:
             if reproduces is not None:
                 mlflow.set_tag("reproduces", reproduces)
             if resume is None:
                 tracking.log_config(cfg, _overrides())
                 mlflow.log_param("precision.resolved_policy", policy)
                 tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
+                provenance.log_dataset_input(cfg.dataset.name, str(splits.info.version), splits.sizes,
+                                             data_dir=splits.info.data_dir)
                 tracking.log_model_summary(model)
             else:
                 mlflow.set_tag("resumed_with_epochs", str(cfg.trainer.epochs))
@@ -168,6 +171,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 if epoch_logger.first_failure is not None:
                     raise ConnectionError(f"unreachable since {epoch_logger.first_failure}")
                 mlflow.log_metrics(final, step=epochs_done)
+                # Plots never fail a run: each failure is a warning naming the plot.
+                curves = history.history if resume is None else _logged_history(run.info.run_id, history.history)
+                report.log_training_plots(curves, model, guarded.optimizer,
+                                          splits.steps_per_epoch * cfg.trainer.epochs, splits.test,
+                                          splits.input_spec, run.info.run_id, guard.threshold if guard else None)
+                report.log_keras_model(model)  # for pipeline.inspect: layers survive in .keras, not in a SavedModel
                 if cfg.mlflow.log_model:
                     model_info = tracking.log_saved_model(model, splits.input_spec, names.model)
                     tracking.register_champion(cfg.mlflow, names.model, model_info, metrics)
@@ -195,6 +204,17 @@ def instantiate_callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
             message = str(cause) if str(cause).startswith(f"callbacks.{name}") else f"callbacks.{name}: {cause}"
             raise ConfigError(message) from None
     return callbacks
+
+
+def _logged_history(run_id: str, keras_history: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A resumed run's whole per-epoch history (Keras' covers only this process's epochs)."""
+    from mlflow.tracking import MlflowClient
+
+    from callbacks.mlflow_logger import metric_key
+
+    client = MlflowClient()
+    return {name: [m.value for m in sorted(client.get_metric_history(run_id, metric_key(name)), key=lambda m: m.step)]
+            for name in keras_history}
 
 
 def _output_dir() -> Path:
