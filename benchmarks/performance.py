@@ -1,0 +1,146 @@
+"""Input pipeline, MFU, precision and XLA, measured in one process; writes the README table.
+
+    python benchmarks/performance.py              # ~10 min on 2 cores
+    python benchmarks/performance.py --readme     # also rewrite the README's performance table
+
+All on `synthetic_mnist` (28x28x1, batch 128), models built by the pipeline's own
+builders and trained by the pipeline's train step (`GuardedModel`, default checks on):
+
+- input pipeline: batches/s of `pipeline.data`'s training pipeline alone against
+  training batches/s (target >= 20x: input is never the bottleneck);
+- MFU: achieved model FLOP/s in training (forward FLOPs from TensorFlow's profiler, x3
+  for forward + backward) / this machine's dense float32 matmul peak, measured here
+  with a large `tf.matmul`;
+- precision: `mixed_bfloat16` against float32 training throughput for resnet;
+- XLA: `jit_compile=True` against off, for mlp.
+Ratios are medians of interleaved pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
+from common import machine, update_readme  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from pipeline import data, precision  # noqa: E402
+from pipeline.config import compose  # noqa: E402
+from pipeline.guarded import GuardedModel, StepGuard, TrainProgress  # noqa: E402
+from pipeline.train import build_model  # noqa: E402
+
+
+def splits_for(data_dir: str):
+    cfg = compose(["dataset=synthetic_mnist", f"dataset.data_dir={data_dir}"])
+    return data.load(cfg.dataset, seed=42)
+
+
+def training_rate(architecture: str, splits, policy: str = "float32", jit: bool = False, epochs: int = 3) -> float:
+    """Training batches per second (steady epochs) of the pipeline's train step."""
+    cfg = compose([f"architecture={architecture}", "dataset=synthetic_mnist"])
+    keras.backend.clear_session(free_memory=True)
+    with precision.applied(policy):
+        keras.utils.set_random_seed(42)
+        splits.epoch.assign(0)
+        model = GuardedModel(build_model(cfg, splits.input_spec), StepGuard(), epoch=splits.epoch)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"], steps_per_execution=cfg.trainer.steps_per_execution, jit_compile=jit)
+        starts = []
+        timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: starts.append(time.perf_counter()),
+                                               on_train_end=lambda *_: starts.append(time.perf_counter()))
+        model.fit(splits.train, epochs=epochs, verbose=0, callbacks=[TrainProgress(), timer])
+    return splits.steps_per_epoch / statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
+
+
+def input_rate(splits, epochs: int = 3) -> float:
+    """Batches per second of the training pipeline alone, consumed inside TensorFlow as
+    `fit` consumes it (a Python loop would measure Python's per-batch overhead)."""
+    rates = []
+    for epoch in range(epochs):
+        splits.epoch.assign(epoch)
+        started = time.perf_counter()
+        count = int(splits.train.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+        rates.append(count / (time.perf_counter() - started))
+    return statistics.median(rates[1:])  # the first epoch fills the cache
+
+
+def forward_flops(architecture: str, splits) -> float:
+    """FLOPs of one forward pass over one example, from TensorFlow's profiler."""
+    cfg = compose([f"architecture={architecture}", "dataset=synthetic_mnist"])
+    keras.backend.clear_session()
+    model = build_model(cfg, splits.input_spec)
+    spec = tf.TensorSpec((1, *splits.input_spec.shape), splits.input_spec.dtype)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    tf.get_logger().setLevel("ERROR")  # the v1 profiler warns about its own deprecation at length
+    return float(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 matmul FLOP/s of this machine (the MFU denominator)."""
+    a, b = tf.random.normal((size, size)), tf.random.normal((size, size))
+    product = tf.function(lambda a, b: tf.matmul(a, b))
+    product(a, b).numpy()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product(a, b).numpy()
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / min(times)
+
+
+def paired(pairs: int, candidate, baseline) -> float:
+    ratios = []
+    for _ in range(pairs):
+        base, cand = baseline(), candidate()
+        ratios.append(cand / base)
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--readme", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        splits = splits_for(str(Path(tmp) / "tfds"))
+        peak = matmul_peak()
+        print(f"dense float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+        for architecture in ("mlp", "resnet"):
+            train_rate = training_rate(architecture, splits)
+            ratio = statistics.median(input_rate(splits) / training_rate(architecture, splits)
+                                      for _ in range(max(1, args.pairs // 2)))
+            flops = 3 * forward_flops(architecture, splits) * 128 * train_rate
+            print(f"{architecture}: {train_rate * 128:,.0f} examples/s; input pipeline {ratio:.0f}x training; "
+                  f"MFU {flops / peak:.1%} ({flops / 1e9:.2f} GFLOP/s)", flush=True)
+            rows += [f"| input pipeline / training throughput, `{architecture}` | {ratio:.0f}× | ≥ 20× |",
+                     f"| MFU, `{architecture}` (model FLOP/s ÷ matmul peak {peak / 1e9:.0f} GFLOP/s) | "
+                     f"{flops / peak:.1%} | reported |"]
+        bf16 = paired(args.pairs, lambda: training_rate("resnet", splits, "mixed_bfloat16", epochs=2),
+                      lambda: training_rate("resnet", splits, "float32", epochs=2))
+        print(f"resnet mixed_bfloat16 / float32 throughput: {bf16:.2f}", flush=True)
+        xla = paired(args.pairs, lambda: training_rate("mlp", splits, jit=True),
+                     lambda: training_rate("mlp", splits, jit=False))
+        print(f"mlp jit_compile=True / False throughput: {xla:.2f}", flush=True)
+        rows += [f"| `precision=mixed` (bf16) / fp32 throughput, `resnet` | {bf16:.2f}× | reported |",
+                 f"| `trainer.jit_compile=true` / false throughput, `mlp` | {xla:.2f}× | reported |"]
+    if args.readme:
+        update_readme("performance", "\n".join(["| measure | value | target |", "| --- | --- | --- |", *rows, "",
+                                                f"Measured by `benchmarks/performance.py` on {machine()}."]))
+
+
+if __name__ == "__main__":
+    main()
