@@ -115,6 +115,8 @@ class TrainConfig:
     seed: int = MISSING
     optimized_metric: str = MISSING
     resume: Optional[str] = None
+    reproduce: Optional[str] = None
+    determinism: bool = False
     dataset: DatasetConfig = MISSING
     # Architectures differ in their hyperparameters; `validate` checks them against the
     # builder's own keyword arguments instead.

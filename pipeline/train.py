@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from callbacks.checkpoint import Checkpointing
     from callbacks.grad_norm import GradNormGuard
     from callbacks.mlflow_logger import MLflowEpochLogger, metric_key
-    from pipeline import data, precision, provenance, report, tracking
+    from pipeline import data, debug, precision, provenance, report, tracking
     from pipeline.guarded import GuardedModel, TrainProgress
 
     # A resume or a reproduction trains with the config an earlier run recorded.
@@ -84,6 +84,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         keras.utils.set_random_seed(cfg.seed)
 
         splits = data.load(cfg.dataset, seed=cfg.seed)
+        splits = debug.apply(cfg, splits)  # debug=smoke|overfit|limit: fewer batches, or one repeated
         log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
 
         model = build_model(cfg, splits.input_spec, architecture)
@@ -116,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with tracking.start_run(experiment_id, names.run, names.tags | provenance.provenance_tags(_overrides()),
                                 log_file=_job_log_file(), run_id=resume.run_id if resume else None,
                                 log_system_metrics=provenance.enable_system_metrics()) as run:
+            mlflow.set_tags(debug.tags(cfg))  # a debug run says so: it never passes for a real one
             if reproduces is not None:
                 mlflow.set_tag("reproduces", reproduces)
             if resume is None:

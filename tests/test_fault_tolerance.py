@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import DivergenceError
 from pipeline.train import train
 
-FAST = ["trainer.epochs=3", "callbacks.checkpoint.every_n_steps=20", "trainer.verbose=0", "trainer.steps_per_execution=1"]
+FAST = ["trainer.epochs=3", "callbacks.checkpoint.every_n_steps=20", "trainer.verbose=0",
+        "trainer.steps_per_execution=1"]  # one step per execution, so checkpoint steps are exact
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_grad_norm_max")
 
 
