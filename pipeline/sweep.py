@@ -36,12 +36,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:  # matplotlib costs ~0.8 s to import; every run loads this callback, only sweeps plot
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +374,8 @@ def metric_vs_params(rows: Sequence[Mapping[str, Any]], metric: str, params: Seq
     if not params:
         raise ValueError("params must name at least one swept parameter. Received: []")
     scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))]
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(4.5 * len(params), 3.4), layout="constrained")
     axes = figure.subplots(1, len(params), squeeze=False).ravel()
     for ax, param in zip(axes, params):
