@@ -37,7 +37,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train, evaluate on the test split, log everything to MLflow and register the model.
 
     With `cfg.resume` (a run id or `last`), continue that run from its latest
-    checkpoint instead, with the config it recorded.
+    checkpoint instead, with the config it recorded; with `cfg.reproduce` (a run id),
+    train that run's recorded config again as a new run.
 
     Args:
         cfg: the composed `conf/train.yaml`.
