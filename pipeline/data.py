@@ -25,6 +25,9 @@ import pipeline.datasets  # noqa: F401  (registers the project's own TFDS builde
 from architectures.common import InputSpec
 from pipeline.errors import DatasetError
 
+# The graph-level seed of the per-epoch shuffle (its operation seed is (seed, epoch)).
+SHUFFLE_GRAPH_SEED = 20261126
+
 
 @dataclass
 class Splits:
@@ -132,7 +135,10 @@ def load(cfg: DictConfig, seed: int) -> Splits:
 
     def one_epoch(epoch_number: tf.Tensor) -> tf.data.Dataset:
         # A fresh, seeded order per epoch: (seed, epoch) decides it, not how many
-        # iterators this process opened before.
+        # iterators this process opened before. Always traced as a dataset function, whose
+        # graph-level seed is fixed here: so the process's global seed plays no part (and
+        # TensorFlow cannot combine a global seed of 0 with a tensor operation seed).
+        tf.compat.v1.set_random_seed(SHUFFLE_GRAPH_SEED)
         ds = train.shuffle(cfg.shuffle_buffer, seed=seed * 1_000_003 + epoch_number) if cfg.shuffle_buffer else train
         ds = ds.batch(cfg.batch_size)
         if inject_at is not None:
@@ -142,7 +148,8 @@ def load(cfg: DictConfig, seed: int) -> Splits:
 
     def train_batch(epoch_number: int, index: int) -> tuple:
         """Batch `index` of epoch `epoch_number`, exactly as training saw it."""
-        return one_epoch(tf.constant(epoch_number, tf.int64)).skip(index).take(1).get_single_element()
+        epochs = tf.data.Dataset.from_tensors(tf.constant(epoch_number, tf.int64))
+        return epochs.flat_map(one_epoch).skip(index).take(1).get_single_element()
 
     return Splits(
         # Reading `epoch` inside the pipeline: Keras opens one iterator per epoch, after

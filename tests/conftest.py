@@ -49,6 +49,8 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
+    # An earlier test's active experiment id means nothing in this store.
+    mlflow.set_experiment(experiment_id="0")
     return uri
 
 
