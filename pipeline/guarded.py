@@ -188,12 +188,12 @@ class GuardedModel(keras.Model):
         variables = self.model.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
 
-        loss32 = tf.cast(loss, tf.float32)
-        layer_norms, norm = self._norms(gradients)
         guard = self.guard
-        if guard is None:
+        if guard is None:  # the plain Keras step: nothing measured, every update applied
             ok = tf.constant(True)
         else:
+            loss32 = tf.cast(loss, tf.float32)
+            layer_norms, norm = self._norms(gradients)
             loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
             # Under loss scaling, overflowing gradients are routine: LossScaleOptimizer
             # drops that update and lowers the scale. Only a non-finite loss is divergence.
