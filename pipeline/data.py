@@ -189,6 +189,16 @@ def _inject_nan(index, batch, *, at: int, first: tf.Tensor):
     return poison(inputs), labels
 
 
+def split(cfg: DictConfig, expression: str) -> tf.data.Dataset:
+    """The (inputs, labels) examples of `cfg.name[expression]` (e.g. `test`, `train[:10%]`),
+    prepared if needed; a bad split expression is a one-line `DatasetError`."""
+    builder = prepared_builder(cfg)
+    try:
+        return builder.as_dataset(split=expression, as_supervised=True, shuffle_files=False)
+    except Exception as error:  # TFDS raises several types for a bad split expression
+        raise DatasetError(f"split: {expression!r} is not a split of {cfg.name!r}: {error}") from None
+
+
 def input_spec_of(info: tfds.core.DatasetInfo) -> InputSpec:
     """What a builder needs from a TFDS dataset's supervised keys: either (image, label),
     or ({"image", "features"}, {label name: label}) for a multimodal dataset."""

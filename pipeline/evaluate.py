@@ -55,11 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         reason = " ".join(str(error).split())[:300]
         raise PipelineError(f"model: cannot load {cfg.model!r}: {reason}") from None
 
-    builder = data.prepared_builder(cfg.dataset)
-    try:
-        split = builder.as_dataset(split=cfg.split, as_supervised=True, shuffle_files=False)
-    except Exception as error:  # TFDS raises several types for a bad split expression
-        raise DatasetError(f"split: {cfg.split!r} is not a split of {cfg.dataset.name!r}: {error}") from None
+    split = data.split(cfg.dataset, cfg.split)
 
     # Accumulate per head: a single-label dataset has one unnamed head.
     log_loss: dict[str, float] = {}

@@ -87,11 +87,7 @@ def inspect_model(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     except ValueError as error:  # unknown layer, or a model without a layer graph
         raise ConfigError(f"layers: {error}") from None
 
-    builder = data.prepared_builder(cfg.dataset)
-    try:
-        split = builder.as_dataset(split=cfg.split, as_supervised=True, shuffle_files=False)
-    except Exception as error:  # TFDS raises several types for a bad split expression
-        raise DatasetError(f"split: {cfg.split!r} is not a split of {cfg.dataset.name!r}: {error}") from None
+    split = data.split(cfg.dataset, cfg.split)
     batch = next(iter(tfds.as_numpy(split.take(cfg.examples).batch(cfg.examples))), None)
     if batch is None:
         raise DatasetError(f"split: {cfg.dataset.name}[{cfg.split}] is empty")
