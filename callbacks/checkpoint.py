@@ -139,6 +139,7 @@ class Checkpointing(keras.callbacks.Callback):
 
     # -- Keras hooks ---------------------------------------------------------------
     def on_train_begin(self, logs=None) -> None:
+        self._install_signal_handlers()  # first: a signal during the initial save must still be caught
         # Created now: Keras builds the compiled metrics' variables when `fit` starts.
         self._manager = tf.train.CheckpointManager(self._root(), self.directory, max_to_keep=self.keep,
                                                    checkpoint_name="ckpt")
@@ -153,7 +154,6 @@ class Checkpointing(keras.callbacks.Callback):
             self._metric_snapshot = [v.numpy() for v in rest["metrics"]]
         elif self._manager.latest_checkpoint is None:
             self.save()  # the initial state: a rollback at the very first steps needs somewhere to go
-        self._install_signal_handlers()
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         if self._metric_snapshot is not None:
