@@ -131,16 +131,13 @@ def load(cfg: DictConfig, seed: int) -> Splits:
         input_spec = dataclasses.replace(input_spec, dtype="float32")
 
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
-    train = raw["train"].cache() if cfg.cache else raw["train"]
+    if cfg.cache:
+        epoch_batches = _in_memory_epochs(raw["train"], sizes["train"], cfg.batch_size, seed)
+    else:
+        epoch_batches = _streaming_epochs(raw["train"], cfg.batch_size, seed, cfg.shuffle_buffer)
 
     def one_epoch(epoch_number: tf.Tensor) -> tf.data.Dataset:
-        # A fresh, seeded order per epoch: (seed, epoch) decides it, not how many
-        # iterators this process opened before. Always traced as a dataset function, whose
-        # graph-level seed is fixed here: so the process's global seed plays no part (and
-        # TensorFlow cannot combine a global seed of 0 with a tensor operation seed).
-        tf.compat.v1.set_random_seed(SHUFFLE_GRAPH_SEED)
-        ds = train.shuffle(cfg.shuffle_buffer, seed=seed * 1_000_003 + epoch_number) if cfg.shuffle_buffer else train
-        ds = ds.batch(cfg.batch_size)
+        ds = epoch_batches(epoch_number)
         if inject_at is not None:
             ds = ds.enumerate().map(functools.partial(_inject_nan, at=inject_at,
                                                       first=epoch_number * steps_per_epoch))
@@ -167,6 +164,46 @@ def load(cfg: DictConfig, seed: int) -> Splits:
         epoch=epoch,
         train_batch=train_batch,
     )
+
+
+def _in_memory_epochs(examples: tf.data.Dataset, size: int, batch_size: int,
+                      seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """Epochs of a split held in memory (`dataset.cache=true`): read once, then each epoch
+    is a full permutation of it, seeded by (seed, epoch), gathered one batch at a time.
+    Per-batch rather than per-example work keeps the input pipeline far ahead of training."""
+    whole = examples.batch(size).cache()  # one element, the whole split: read on first use
+    steps = math.ceil(size / batch_size)
+
+    def epoch_batches(epoch_number: tf.Tensor) -> tf.data.Dataset:
+        def batches(inputs, labels) -> tf.data.Dataset:
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(size, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch_number]))
+
+            def gather(step):
+                index = order[step * batch_size:tf.minimum((step + 1) * batch_size, size)]
+                return tf.nest.map_structure(lambda t: tf.gather(t, index), (inputs, labels))
+
+            return tf.data.Dataset.range(steps).map(gather)
+
+        return whole.flat_map(batches)
+
+    return epoch_batches
+
+
+def _streaming_epochs(examples: tf.data.Dataset, batch_size: int, seed: int,
+                      shuffle_buffer: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """Epochs of a split read from disk every epoch (`dataset.cache=false`), shuffled
+    through a `shuffle_buffer`-example window seeded by (seed, epoch)."""
+
+    def epoch_batches(epoch_number: tf.Tensor) -> tf.data.Dataset:
+        # A fresh, seeded order per epoch: (seed, epoch) decides it, not how many
+        # iterators this process opened before. Always traced as a dataset function, whose
+        # graph-level seed is fixed here: so the process's global seed plays no part (and
+        # TensorFlow cannot combine a global seed of 0 with a tensor operation seed).
+        tf.compat.v1.set_random_seed(SHUFFLE_GRAPH_SEED)
+        return examples.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch_number).batch(batch_size)
+
+    return epoch_batches
 
 
 def _as_float32(inputs, labels):
@@ -234,6 +271,7 @@ def batched(ds: tf.data.Dataset, batch_size: int, cache: bool) -> tf.data.Datase
     """An evaluation pipeline: fixed order. Images stay in their raw dtype: the model
     rescales them, so the same model serves raw images after export. Multimodal
     elements are ({image, features}, {labels})."""
+    ds = ds.batch(batch_size)
     if cache:
-        ds = ds.cache()  # decoded examples in memory: decode once, not every epoch
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        ds = ds.cache()  # decoded batches in memory: decode and batch once, not every epoch
+    return ds.prefetch(tf.data.AUTOTUNE)
