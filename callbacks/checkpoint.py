@@ -7,8 +7,11 @@ its step counter), the data position (`pipeline.guarded.TrainState`), the epoch'
 metric accumulators, and the state of callbacks that have one (early stopping, the
 gradient-norm guard's learning-rate backoff).
 
+A save costs the training loop only a copy of those variables into CPU-side shadow
+variables (a few milliseconds); a background thread writes the shadows to disk while
+training goes on, and the next save, a rollback and the end of training wait for it.
 TensorFlow writes a checkpoint's files under a temporary name and then records it in
-the `checkpoint` index file with an atomic rename, so a kill mid-save leaves the
+the `checkpoint` index file with an atomic rename, so a kill mid-write leaves the
 previous checkpoint as the latest. A checkpoint that is nonetheless unreadable (e.g. a
 truncated file) is skipped, with a warning, in favour of the one before it.
 """
@@ -57,18 +60,30 @@ class Checkpointing(keras.callbacks.Callback):
         self._metric_snapshot: list | None = None
         self._requested_signal: int | None = None
         self._previous_handlers: dict[int, object] = {}
+        self._scratch_directory: str | None = None
+        self._snapshot = None  # copies everything saved into the shadows (`_shadow_root`)
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
 
     # -- set up by the pipeline, before fit ----------------------------------------
-    def open(self, directory: Path, model, callbacks: list[keras.callbacks.Callback]) -> None:
+    def open(self, directory: Path, model, callbacks: list[keras.callbacks.Callback],
+             scratch_directory: Path | None = None) -> None:
         """Use `directory` (created, and checked writable) for `model`, a built
-        `GuardedModel` with its optimizer, and save the state of `callbacks` that have any."""
+        `GuardedModel` with its optimizer, and save the state of `callbacks` that have any.
+
+        With `scratch_directory` (a non-chief worker of a multi-worker cluster), restore
+        from `directory` but write each save to `scratch_directory` and delete it right
+        after: every worker must save (a save may involve collectives), only the chief's
+        copy is kept (TensorFlow's multi-worker checkpointing guidance)."""
+        self._scratch_directory = None if scratch_directory is None else str(scratch_directory)
+        writes_to = directory if scratch_directory is None else scratch_directory
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = directory / ".write-test"
+            writes_to.mkdir(parents=True, exist_ok=True)
+            probe = writes_to / ".write-test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as error:
-            raise PipelineError(f"callbacks.checkpoint.directory: cannot write checkpoints to {directory}: "
+            raise PipelineError(f"callbacks.checkpoint.directory: cannot write checkpoints to {writes_to}: "
                                 f"{error.strerror or error}") from None
         self.directory = str(directory)
         self.set_model(model)
@@ -77,22 +92,33 @@ class Checkpointing(keras.callbacks.Callback):
             callback.set_model(model)
         model.optimizer.build(model.model.trainable_variables)  # its slots must exist to be restored into
 
+    # Everything saved is a variable in nested dicts and lists, so the same structure of
+    # shadow variables writes a checkpoint that reads back into the live ones.
     def _core(self) -> dict:
-        model = self.model
-        variables = {}
-        for index, variable in enumerate(model.model.variables):
-            key = variable.path if variable.path not in variables else f"{variable.path}#{index}"
-            variables[key] = variable
-        return {"model": variables, "optimizer": model.optimizer, "train_state": model.build_train_state()}
+        return {"model": _by_path(self.model.model.variables), "optimizer": _by_path(self.model.optimizer.variables),
+                "train_state": list(self.model.build_train_state().variables)}
 
     def _rest(self) -> dict:
         return {
             "metrics": [v for metric in self.model.metrics for v in metric.variables],
-            "callbacks": {type(c).__name__: c.checkpoint_state() for c in self.stateful_callbacks},
+            "callbacks": {type(c).__name__: list(c.checkpoint_state().variables) for c in self.stateful_callbacks},
         }
 
-    def _root(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(**self._core(), **self._rest())
+    def _shadow_root(self) -> tf.train.Checkpoint:
+        """A checkpoint of CPU-side copies of everything saved; `_snapshot` fills them."""
+        live = {**self._core(), **self._rest()}
+        with tf.device("/cpu:0"):
+            shadow = tf.nest.map_structure(
+                lambda v: tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="shadow"), live)
+        pairs = list(zip(tf.nest.flatten(shadow), tf.nest.flatten(live)))
+
+        @tf.function(autograph=False)
+        def snapshot():  # one graph call: copying ~100 variables eagerly costs ~30 ms
+            for copy, variable in pairs:
+                copy.assign(variable)
+
+        self._snapshot = snapshot
+        return tf.train.Checkpoint(**shadow)
 
     def restore_latest(self) -> tuple[int, int] | None:
         """Restore the model, optimizer and data position from the newest readable
@@ -112,10 +138,12 @@ class Checkpointing(keras.callbacks.Callback):
     def restore_for_rollback(self) -> int:
         """Put the model and optimizer back to the newest readable checkpoint; the data
         position moves on. Returns the step the checkpoint was saved at."""
+        self.wait()
         path = self._latest_readable()
         if path is None:
             raise PipelineError(f"no readable checkpoint in {self.directory} to roll back to")
-        tf.train.Checkpoint(model=self._core()["model"], optimizer=self.model.optimizer).read(path).expect_partial()
+        core = self._core()
+        tf.train.Checkpoint(model=core["model"], optimizer=core["optimizer"]).read(path).expect_partial()
         return int(path.rpartition("-")[2])
 
     def _latest_readable(self) -> str | None:
@@ -141,8 +169,8 @@ class Checkpointing(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         self._install_signal_handlers()  # first: a signal during the initial save must still be caught
         # Created now: Keras builds the compiled metrics' variables when `fit` starts.
-        self._manager = tf.train.CheckpointManager(self._root(), self.directory, max_to_keep=self.keep,
-                                                   checkpoint_name="ckpt")
+        self._manager = tf.train.CheckpointManager(self._shadow_root(), self._scratch_directory or self.directory,
+                                                   max_to_keep=self.keep, checkpoint_name="ckpt")
         if self._resume_from is not None:
             rest = self._rest()
             tf.train.Checkpoint(**rest).read(self._resume_from).expect_partial()
@@ -173,25 +201,48 @@ class Checkpointing(keras.callbacks.Callback):
         self._stop_if_signalled()
 
     def on_train_end(self, logs=None) -> None:
+        self.wait()  # the last checkpoint is on disk before anything reads it
         self.close()
 
     # -- saving and signals --------------------------------------------------------
     def save(self) -> str | None:
-        """Save now (at most once per step); returns the path."""
+        """Snapshot now (at most once per step) and write it in the background; returns
+        the path it will have. `wait` blocks until it is on disk."""
         done = int(self.model.build_train_state().global_batch.numpy())
         if done == self._last_saved:
             return None
+        self.wait()  # one write at a time: the shadows are about to change
         for callback in self.stateful_callbacks:
             if callable(getattr(callback, "before_save", None)):
                 callback.before_save()
+        self._snapshot()
+        self._last_saved = done
+        self._writer = threading.Thread(target=self._write, args=(done,), name="checkpoint-writer", daemon=True)
+        self._writer.start()
+        return f"{self._manager.directory}/ckpt-{done}"
+
+    def _write(self, number: int) -> None:
         try:
-            path = self._manager.save(checkpoint_number=done)
-        except (tf.errors.OpError, OSError) as error:
+            path = self._manager.save(checkpoint_number=number)
+            if self._scratch_directory is not None:  # a non-chief worker's copy: written, then dropped
+                tf.io.gfile.rmtree(self._scratch_directory)
+            log.debug("checkpoint %s", path)
+        except BaseException as error:  # re-raised in the training thread by `wait`
+            self._write_error = error
+
+    def wait(self) -> None:
+        """Block until the last save is on disk.
+
+        Raises:
+            PipelineError: it could not be written.
+        """
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._write_error = self._write_error, None
+        if error is not None:
             raise PipelineError(f"cannot write a checkpoint to {self.directory}: "
                                 f"{' '.join(str(error).split())[:300]}") from None
-        self._last_saved = done
-        log.debug("checkpoint %s", path)
-        return path
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -200,7 +251,13 @@ class Checkpointing(keras.callbacks.Callback):
             self._previous_handlers[number] = signal.signal(number, self._on_signal)
 
     def close(self) -> None:
-        """Put the previous signal handlers back (after training, or when it failed)."""
+        """Let a write in progress finish, and put the previous signal handlers back
+        (after training, or when it failed)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+            if self._write_error is not None:
+                log.error("the last checkpoint could not be written: %s", self._write_error)
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
         self._previous_handlers = {}
@@ -218,7 +275,9 @@ class Checkpointing(keras.callbacks.Callback):
             return
         import mlflow
 
-        path = self.save() or self._manager.latest_checkpoint
+        self.save()
+        self.wait()
+        path = self._manager.latest_checkpoint
         state = self.model.build_train_state()
         run = mlflow.active_run()
         resume = f"; continue with: python -m pipeline.train resume={run.info.run_id}" if run else ""
@@ -227,3 +286,12 @@ class Checkpointing(keras.callbacks.Callback):
             f"(epoch {int(state.epoch.numpy())}); checkpoint {path}{resume}",
             self._requested_signal,
         )
+
+
+def _by_path(variables) -> dict:
+    """Variables keyed by their Keras path (made unique by position where paths repeat)."""
+    keyed = {}
+    for index, variable in enumerate(variables):
+        key = variable.path if variable.path not in keyed else f"{variable.path}#{index}"
+        keyed[key] = variable
+    return keyed

@@ -16,6 +16,7 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
     """`keras.callbacks.EarlyStopping`, same arguments, resumable from a checkpoint."""
 
     _saved: tf.Module | None = None
+    _saved_weights: list | None = None  # the best weights already copied into `_saved`
 
     def checkpoint_state(self) -> tf.Module:
         """Variables mirroring the Python state; `before_save` fills them."""
@@ -36,9 +37,10 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         saved.best.assign(np.nan if self.best is None else float(self.best))
         saved.best_epoch.assign(self.best_epoch)
         saved.has_best_weights.assign(self.best_weights is not None)
-        if self.best_weights is not None:
+        if self.best_weights is not None and self.best_weights is not self._saved_weights:
             for variable, value in zip(saved.best_weights, self.best_weights):
                 variable.assign(value)
+            self._saved_weights = self.best_weights  # Keras replaces the list on every improvement
 
     def after_restore(self) -> None:
         saved = self.checkpoint_state()
@@ -47,3 +49,4 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         self.best = None if np.isnan(best) else best
         self.best_epoch = int(saved.best_epoch.numpy())
         self.best_weights = [v.numpy() for v in saved.best_weights] if bool(saved.has_best_weights.numpy()) else None
+        self._saved_weights = self.best_weights

@@ -1,7 +1,9 @@
 """Log every epoch's Keras metrics to an MLflow run, in one batched call per epoch.
 
 Only `on_epoch_end` is overridden: a callback that defines `on_train_batch_end` makes
-Keras 3 synchronise with the device after every step.
+Keras 3 synchronise with the device after every step. The call to the store runs on a
+background thread, in epoch order, so training never waits for it; the end of
+training waits for the last one.
 
 If the tracking store stops answering (MLflow's client has already retried), training
 goes on: the epoch's metrics go to a local JSON-lines file instead, every later epoch
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -65,6 +68,8 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         self.unlogged: list[Metric] = []  # epochs the store has not got yet
         self.first_failure: str | None = None
         self._logged: set[tuple[str, int]] = set()
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-logger")
+        self._pending: Future | None = None
 
     def on_train_begin(self, logs=None) -> None:
         run = self.client.get_run(self.run_id)
@@ -83,6 +88,18 @@ class MLflowEpochLogger(keras.callbacks.Callback):
                 values.update(layer.logged_values())
         metrics = [Metric(key, value, timestamp, epoch) for key, value in values.items()
                    if (key, epoch) not in self._logged]
+        self._pending = self._sender.submit(self._send, epoch, metrics)
+
+    def on_train_end(self, logs=None) -> None:
+        self.wait()
+
+    def wait(self) -> None:
+        """Block until every epoch so far is in the store (or in the offline file)."""
+        if self._pending is not None:
+            self._pending.result()  # `_send` never raises: a failure goes to the offline file
+            self._pending = None
+
+    def _send(self, epoch: int, metrics: list[Metric]) -> None:
         self.unlogged.extend(metrics)
         try:
             for start in range(0, len(self.unlogged), 1000):  # MLflow's per-call limit
