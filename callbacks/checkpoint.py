@@ -127,7 +127,7 @@ class Checkpointing(keras.callbacks.Callback):
         path = self._latest_readable()
         if path is None:
             return None
-        tf.train.Checkpoint(**self._core()).read(path).expect_partial()
+        _read_all(tf.train.Checkpoint(**self._core()), path)
         self._resume_from = path
         state = self.model.build_train_state()
         epoch, batch = int(state.epoch.numpy()), int(state.batch.numpy())
@@ -143,7 +143,7 @@ class Checkpointing(keras.callbacks.Callback):
         if path is None:
             raise PipelineError(f"no readable checkpoint in {self.directory} to roll back to")
         core = self._core()
-        tf.train.Checkpoint(model=core["model"], optimizer=core["optimizer"]).read(path).expect_partial()
+        _read_all(tf.train.Checkpoint(model=core["model"], optimizer=core["optimizer"]), path)
         return int(path.rpartition("-")[2])
 
     def _latest_readable(self) -> str | None:
@@ -295,3 +295,15 @@ def _by_path(variables) -> dict:
         key = variable.path if variable.path not in keyed else f"{variable.path}#{index}"
         keyed[key] = variable
     return keyed
+
+
+def _read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    """Restore every variable of `checkpoint` from `path`, or fail naming the mismatch
+    (e.g. a checkpoint another architecture, or an older version of this code, wrote)."""
+    status = checkpoint.read(path)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as error:
+        raise PipelineError(f"checkpoint {path} does not hold this model's training state "
+                            f"({' '.join(str(error).split())[:200]})") from None
+    status.expect_partial()  # the rest of the checkpoint (metrics, callbacks) is read later
