@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
+from pipeline import distribute
 from pipeline.errors import ConfigError
 
 # "mixed" picks mixed_float16 (with loss scaling) on a GPU and mixed_bfloat16 otherwise.
@@ -103,6 +104,13 @@ class MLflowConfig:
 
 
 @dataclass
+class DistributionConfig:
+    kind: str = MISSING
+    logical_cpus: Optional[int] = MISSING
+    timeout_seconds: float = MISSING
+
+
+@dataclass
 class DebugConfig:
     mode: str = MISSING
     limit_batches: Optional[int] = None
@@ -127,6 +135,8 @@ class TrainConfig:
     # name -> `_target_` config of a Keras callback; null drops one.
     callbacks: Dict[str, Any] = field(default_factory=dict)
     mlflow: MLflowConfig = MISSING
+    # none | mirrored | multi_worker (conf/distribution/, pipeline/distribute.py)
+    distribution: DistributionConfig = MISSING
     # debug=smoke|overfit|limit (conf/debug/) shrinks the data; null trains normally.
     debug: Optional[DebugConfig] = None
 
@@ -154,6 +164,7 @@ def register_schemas() -> None:
         ("precision_schema", PrecisionConfig),
         ("trainer_schema", TrainerConfig),
         ("mlflow_schema", MLflowConfig),
+        ("distribution_schema", DistributionConfig),
     ]:
         store.store(name=name, node=node)
 
@@ -227,6 +238,8 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg, "debug.limit_batches", lambda v: v is None or v >= 1, "must be >= 1 or null")
         _check(cfg, "debug.limit_fraction", lambda v: v is None or 0 < v <= 1, "must be in (0, 1] or null")
         _check(cfg, "debug.overfit_steps", lambda v: v is None or v >= 1, "must be >= 1 or null")
+
+    distribute.validate(cfg.get("distribution"))
 
     _check_target(cfg, "optimizer")
     builder = _check_target(cfg, "architecture")

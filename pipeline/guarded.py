@@ -27,6 +27,8 @@ import keras
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss  # Keras' own train step uses it: same semantics
 
+from pipeline import distribute
+
 # Why a step was bad, as recorded in `TrainState.bad_reason`.
 NON_FINITE = 1
 ABOVE_THRESHOLD = 2
@@ -57,8 +59,15 @@ class TrainState(tf.Module):
     def __init__(self, layer_names: list[str], epoch: tf.Variable | None = None) -> None:
         super().__init__(name="train_state")
 
+        # Under a tf.distribute strategy every replica computes the same values (from
+        # all-reduced gradients and loss), so each keeps its own copy, updated without
+        # cross-replica traffic, and reads and checkpoints use the first replica's.
+        def variable(value, dtype=None):
+            return tf.Variable(value, dtype=dtype, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
         def scalar(dtype, value=0):
-            return tf.Variable(value, dtype=dtype, trainable=False)
+            return variable(value, dtype)
 
         # Data position. `epoch` also seeds the epoch's shuffle order (pipeline.data), so
         # (epoch, batch) reproduces exactly which batch comes next.
@@ -74,7 +83,7 @@ class TrainState(tf.Module):
         self.above_threshold_steps = scalar(tf.int64)
         # The most recent step's norms, for logging every N steps.
         self.last_norm = scalar(tf.float32)
-        self.last_layer_norms = tf.Variable(tf.zeros([len(layer_names)]), trainable=False)
+        self.last_layer_norms = variable(tf.zeros([len(layer_names)]))
         # The first bad step since the last `clear_bad_step`.
         self.halted = scalar(tf.bool, False)
         self.bad_reason = scalar(tf.int64)
@@ -83,7 +92,7 @@ class TrainState(tf.Module):
         self.bad_batch = scalar(tf.int64, -1)
         self.bad_loss = scalar(tf.float32)
         self.bad_norm = scalar(tf.float32)
-        self.bad_layer_norms = tf.Variable(tf.zeros([len(layer_names)]), trainable=False)
+        self.bad_layer_norms = variable(tf.zeros([len(layer_names)]))
 
     def reset_epoch_statistics(self) -> None:
         for variable in (self.norm_max, self.norm_sum, self.norm_count, self.dropped_steps,
@@ -170,11 +179,12 @@ class GuardedModel(keras.Model):
     def train_step(self, data):
         state = self.build_train_state()
 
-        def pass_over() -> tf.Tensor:
+        def pass_over(data) -> tf.Tensor:
             state.skip_batches.assign_sub(1)
             return tf.constant(False)
 
-        tf.cond(state.skip_batches > 0, pass_over, lambda: self._guarded_step(data, state))
+        # tf.cond; under a strategy, taken across replicas, since the step all-reduces.
+        distribute.cond(state.skip_batches > 0, pass_over, lambda data: self._guarded_step(data, state), args=(data,))
         state.batch.assign_add(1)
         state.global_batch.assign_add(1)
         return self.get_metrics_result()
@@ -187,12 +197,16 @@ class GuardedModel(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.model.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
+        # Under a strategy: summed over replicas once, here, so the norm is the global
+        # one and every replica takes the same apply/skip branch; the optimizer is told
+        # to apply them as they are, without summing them again.
+        gradients, global_loss = distribute.all_reduce_gradients(gradients, loss, self.optimizer)
 
         guard = self.guard
         if guard is None:  # the plain Keras step: nothing measured, every update applied
             ok = tf.constant(True)
         else:
-            loss32 = tf.cast(loss, tf.float32)
+            loss32 = tf.cast(global_loss, tf.float32)
             layer_norms, norm = self._norms(gradients)
             loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
             # Under loss scaling, overflowing gradients are routine: LossScaleOptimizer
@@ -218,14 +232,17 @@ class GuardedModel(keras.Model):
             state.last_norm.assign(tf.where(counted, norm, state.last_norm))
             state.last_layer_norms.assign(tf.where(counted, layer_norms, state.last_layer_norms))
 
-        def apply() -> tf.Tensor:
+        # Replica-local values are arguments, not captured: under a strategy each replica's
+        # own are passed in (pipeline.distribute.cond).
+        def apply(x, y, y_pred, sample_weight, loss, gradients) -> tf.Tensor:
             batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
             self._loss_tracker.update_state(keras_loss.unscale_loss_for_distribution(loss), sample_weight=batch_size)
             self.optimizer.apply(gradients, variables)
             self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
             return tf.constant(True)
 
-        return tf.cond(ok, apply, lambda: tf.constant(False))
+        return distribute.cond(ok, apply, lambda *_: tf.constant(False),
+                               args=(x, y, y_pred, sample_weight, loss, gradients))
 
     def _norms(self, gradients) -> tuple[tf.Tensor, tf.Tensor]:
         """(per-layer norms, global norm) of the true (unscaled) gradients."""

@@ -152,10 +152,15 @@ def predicted_classes(probabilities: np.ndarray) -> np.ndarray:
 def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset,
                         input_spec: InputSpec) -> dict[str, Figure]:
     """One figure per output head, from one pass over `test_data`."""
+    import keras
+    import tensorflow as tf
+
     truth: dict[str, list[np.ndarray]] = {}
     predicted: dict[str, list[np.ndarray]] = {}
     for inputs, labels in test_data.as_numpy_iterator():
-        outputs = model.predict_on_batch(inputs)
+        # Under a tf.distribute strategy, predict_on_batch would give every replica the whole batch.
+        outputs = keras.tree.map_structure(np.asarray, model(inputs, training=False)) \
+            if tf.distribute.has_strategy() else model.predict_on_batch(inputs)
         outputs, labels = _by_head(outputs, input_spec), _by_head(labels, input_spec)
         for head, probabilities in outputs.items():
             truth.setdefault(head, []).append(np.asarray(labels[head]).reshape(-1))

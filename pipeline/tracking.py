@@ -179,9 +179,10 @@ class Resume:
 
 
 # What a resume or reproduction may change: which run, where the store is, determinism,
-# and (a resume, only upwards) the epochs.
+# how it is distributed (e.g. resume a multi-worker run on one device) and (a resume,
+# only upwards) the epochs.
 KEPT_CONFIG_OVERRIDES = ("resume=", "reproduce=", "trainer.epochs=", "mlflow.tracking_uri=",
-                         "mlflow.experiment_name=", "determinism=", "hydra.")
+                         "mlflow.experiment_name=", "determinism=", "distribution=", "distribution.", "hydra.")
 
 
 def resumable_run(cfg: DictConfig, overrides: list[str]) -> Resume:
@@ -250,6 +251,8 @@ def recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:
     recorded.reproduce = None
     recorded.determinism = cfg.determinism
     recorded.mlflow.tracking_uri = cfg.mlflow.tracking_uri
+    if cfg.get("distribution") is not None:  # how to run it, not what to train: this invocation's
+        recorded.distribution = cfg.distribution
     return recorded
 
 

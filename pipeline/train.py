@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from callbacks.checkpoint import Checkpointing
     from callbacks.grad_norm import GradNormGuard
     from callbacks.mlflow_logger import MLflowEpochLogger, metric_key
-    from pipeline import data, debug, precision, provenance, report, tracking
+    from pipeline import data, debug, distribute, precision, provenance, report, tracking
     from pipeline.guarded import GuardedModel, TrainProgress
 
     # A resume or a reproduction trains with the config an earlier run recorded.
@@ -67,6 +67,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg, architecture = tracking.reproduced_config(cfg, _overrides())
     if resume is not None or reproduces is not None:
         validate(cfg)  # the recorded config, against today's code
+    # Before TensorFlow creates any tensor: logical CPUs and multi-worker collectives
+    # can only be set up first. Only the chief records the run: other workers train
+    # alongside it with MLflow pointed at a throwaway store.
+    strategy = distribute.strategy_for(cfg.get("distribution"))
+    cfg, resume = distribute.record_on_chief_only(cfg, resume, strategy)
     if cfg.determinism:
         import tensorflow as tf
 
@@ -80,29 +85,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # A sweep runs several jobs in one process: start every run from a clean slate.
     keras.backend.clear_session(free_memory=True)
-    with precision.applied(cfg.precision.policy) as policy:
+    with precision.applied(cfg.precision.policy) as policy, strategy.scope():  # build and compile in scope
         log.info("precision: %s (configured: %s)", policy, cfg.precision.policy)
         keras.utils.set_random_seed(cfg.seed)
 
         splits = data.load(cfg.dataset, seed=cfg.seed)
         splits = debug.apply(cfg, splits)  # debug=smoke|overfit|limit: fewer batches, or one repeated
+        splits = distribute.shard_by_data(splits, strategy)  # each global batch split between workers
         log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
 
         model = build_model(cfg, splits.input_spec, architecture)
+        distribute.synchronize_batch_norm(model, strategy)  # >1 replica: global batch statistics
         # Trains `model` with the gradient-norm and finite checks in its train step.
         guarded = GuardedModel(model, guard.step_guard if guard else None, epoch=splits.epoch)
         guarded.compile(
             optimizer=build_optimizer(cfg, splits.steps_per_epoch, guard.lr_scale if guard else None),
             **compile_args(cfg.architecture),
-            steps_per_execution=cfg.trainer.steps_per_execution,
+            steps_per_execution=distribute.steps_per_execution(cfg.trainer.steps_per_execution, strategy),
             jit_compile=cfg.trainer.jit_compile,
         )
-        guarded.build_metrics(splits.train_batch(0, 0))  # so checkpoints can hold the metrics' state
+        guarded.build_metrics(splits.test.take(1).get_single_element())  # so checkpoints can hold the metrics' state
         state = guarded.build_train_state()
         initial_epoch = 0
         if resume is not None and checkpointing is not None:
             # Before the run reopens: unreadable checkpoints leave it as it was.
-            checkpointing.open(Path(resume.checkpoint_dir), guarded, callbacks)
+            checkpointing.open(Path(resume.checkpoint_dir), guarded, callbacks,
+                               distribute.scratch_checkpoint_dir(Path(resume.checkpoint_dir), strategy))
             position = checkpointing.restore_latest()
             if position is not None:
                 epoch, batch = position
@@ -133,7 +141,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
             if checkpointing is not None and resume is None:
                 directory = _checkpoint_dir(checkpointing, run.info.run_id)
-                checkpointing.open(directory, guarded, callbacks)
+                checkpointing.open(directory, guarded, callbacks,
+                                   distribute.scratch_checkpoint_dir(directory, strategy))
                 mlflow.set_tag("checkpoint_dir", str(directory))
             if guard is not None:
                 guard.batch_at = splits.train_batch  # the diagnosis re-runs the offending batch
@@ -156,7 +165,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     callbacks=fit_callbacks,
                     verbose=cfg.trainer.verbose,
                 )
+            except Exception as error:  # a lost multi-worker peer becomes one line saying how to resume
+                explained = distribute.explained(error, strategy)
+                if explained is error:
+                    raise
+                raise explained from error
             finally:
+                epoch_logger.wait()  # the last epochs reach the store, or the offline file
                 if checkpointing is not None:
                     checkpointing.close()
             epochs_done = initial_epoch + len(history.epoch)

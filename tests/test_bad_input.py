@@ -57,6 +57,15 @@ BAD_INPUTS = [
     (["resume=0123456789abcdef0123456789abcdef"], 2,
      "resume: no run '0123456789abcdef0123456789abcdef' in the tracking store"),
     (["resume=last"], 2, "resume=last: no unfinished run with checkpoints in experiment 'digits'"),
+    (["distribution=ring"], 2, "Could not find 'distribution/ring'"),
+    (["distribution=mirrored", "distribution.logical_cpus=0"], 2,
+     "distribution.logical_cpus must be >= 1 or null. Received: 0"),
+    (["distribution.logical_cpus=two"], 2,
+     "distribution.logical_cpus: Value 'two' of type 'str' could not be converted to Integer"),
+    (["distribution.logical_cpus=2"], 2, "distribution.logical_cpus only applies to distribution=mirrored"),
+    (["distribution=multi_worker", "distribution.timeout_seconds=0"], 2,
+     "distribution.timeout_seconds must be > 0. Received: 0.0"),
+    (["distribution=multi_worker"], 2, "distribution=multi_worker needs TF_CONFIG"),  # no TF_CONFIG in the env
 ]
 
 
@@ -82,6 +91,7 @@ def workdir(tmp_path: Path, tfds_dir: str, monkeypatch: pytest.MonkeyPatch) -> P
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr(sys, "argv", sys.argv)
+    monkeypatch.delenv("TF_CONFIG", raising=False)  # distribution=multi_worker without one is a case
     return tmp_path
 
 

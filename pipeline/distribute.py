@@ -1,0 +1,432 @@
+"""tf.distribute for one job: the `distribution` config group.
+
+    python -m pipeline.train distribution=mirrored distribution.logical_cpus=2
+    python -m pipeline.cluster --workers 2 -- architecture=mlp     # multi_worker, locally
+
+- `none`: the default strategy, one device; nothing here changes a run.
+- `mirrored`: `tf.distribute.MirroredStrategy` over every local GPU; on a machine with
+  none, `logical_cpus=N` splits the CPU into N logical devices so the path runs anywhere.
+- `multi_worker`: `tf.distribute.MultiWorkerMirroredStrategy` configured by `TF_CONFIG`,
+  with every wait bounded by `timeout_seconds` (cluster start-up, each collective, a
+  lost peer's heartbeat), so a worker that never arrives or dies ends the others.
+
+The train step (`pipeline.guarded`) all-reduces the gradients once, here
+(`all_reduce_gradients`), computes the global gradient norm and the apply/skip decision
+from them (the same on every replica), and the optimizer applies them without
+all-reducing again (`skip_optimizer_all_reduce`). Only the chief logs to MLflow and
+exports; the other workers write their checkpoints to a temporary directory they delete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ConfigError, PipelineError
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+KINDS = ("none", "mirrored", "multi_worker")
+_timeout_seconds = 0.0  # of the multi-worker strategy, for error messages
+
+
+# -- validation: pure Python, before TensorFlow starts --------------------------------
+def validate(cfg: Any) -> None:
+    """Check the `distribution` group (None: absent, e.g. a run recorded before it existed)."""
+    if cfg is None:
+        return
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"distribution.kind must be one of {KINDS}. Received: {kind!r}")
+    logical_cpus = cfg.get("logical_cpus")
+    if logical_cpus is not None and not (isinstance(logical_cpus, int) and logical_cpus >= 1):
+        raise ConfigError(f"distribution.logical_cpus must be >= 1 or null. Received: {logical_cpus!r}")
+    if logical_cpus is not None and kind != "mirrored":
+        raise ConfigError(f"distribution.logical_cpus only applies to distribution=mirrored. "
+                          f"Received: logical_cpus={logical_cpus} with distribution={kind}")
+    timeout = cfg.get("timeout_seconds")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ConfigError(f"distribution.timeout_seconds must be > 0. Received: {timeout!r}")
+    if kind == "multi_worker":
+        cluster_spec()
+
+
+def cluster_spec() -> dict:
+    """`TF_CONFIG`, parsed and checked: {"cluster": {...}, "task": {"type", "index"}}."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise ConfigError("distribution=multi_worker needs TF_CONFIG (the cluster and this task), e.g. "
+                          "'{\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, \"task\": "
+                          "{\"type\": \"worker\", \"index\": 0}}'; or start local workers with "
+                          "python -m pipeline.cluster --workers 2. Received: TF_CONFIG unset")
+    try:
+        config = json.loads(raw)
+        cluster, task = config["cluster"], config["task"]
+        task_type, index = task["type"], int(task["index"])
+        addresses = cluster[task_type]
+        if not isinstance(addresses, list) or not 0 <= index < len(addresses):
+            raise ValueError(f"task index {index} is not in cluster[{task_type!r}] ({addresses})")
+        for job in cluster.values():
+            for address in job:
+                host, _, port = str(address).rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"address {address!r} is not host:port")
+    except (ValueError, KeyError, TypeError) as error:
+        reason = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise ConfigError(f"TF_CONFIG for distribution=multi_worker is invalid ({reason}). "
+                          f"Received: {' '.join(raw.split())[:300]}") from None
+    return config
+
+
+# -- the strategy ----------------------------------------------------------------------
+_strategies: dict[tuple, Any] = {}
+
+
+def strategy_for(cfg: Any) -> tf.distribute.Strategy:
+    """The strategy `cfg` (the `distribution` group, or None) asks for.
+
+    Call it before TensorFlow creates any tensor or variable: logical CPUs and
+    multi-worker collectives can only be configured before TensorFlow initialises its
+    devices. A process keeps one strategy per configuration (a sweep reuses it).
+    """
+    import tensorflow as tf
+
+    validate(cfg)
+    kind = "none" if cfg is None else cfg.kind
+    key = (kind, None if cfg is None else cfg.get("logical_cpus"))
+    if key in _strategies:
+        return _strategies[key]
+    if kind != "none":  # tf.distribute narrates every all-reduce it builds at INFO
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    if kind == "none":
+        strategy = tf.distribute.get_strategy()
+    elif kind == "mirrored":
+        strategy = tf.distribute.MirroredStrategy(devices=_mirrored_devices(cfg.get("logical_cpus")))
+    else:
+        strategy = _multi_worker(float(cfg.timeout_seconds))
+    if kind != "none":
+        log.info("distribution: %s, %d replica(s) on %s", kind, strategy.num_replicas_in_sync,
+                 ", ".join(strategy.extended.worker_devices))
+    _strategies[key] = strategy
+    return strategy
+
+
+def _mirrored_devices(logical_cpus: int | None) -> list[str] | None:
+    """Every local GPU; without GPUs, `logical_cpus` logical CPU devices (or the one CPU)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if logical_cpus is not None:
+            raise ConfigError(f"distribution.logical_cpus is for machines without GPUs; this one has {len(gpus)}: "
+                              f"leave it null to mirror over them. Received: {logical_cpus}")
+        return None  # MirroredStrategy's own choice: all GPUs
+    if logical_cpus is None:
+        return ["/cpu:0"]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(logical_cpus)]
+    try:
+        if len(tf.config.get_logical_device_configuration(cpu) or [None]) != logical_cpus:
+            tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError:  # TensorFlow has already initialised its devices in this process
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != logical_cpus:
+            raise ConfigError(f"distribution.logical_cpus={logical_cpus}: this process already initialised "
+                              f"TensorFlow with {have} CPU device(s); set it in a new process. "
+                              f"Received: {logical_cpus}") from None
+    return [f"/cpu:{i}" for i in range(logical_cpus)]
+
+
+def _multi_worker(timeout_seconds: float) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy from TF_CONFIG, with no unbounded wait."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    from pipeline import keras_multiworker_fix
+
+    global _timeout_seconds
+    config = cluster_spec()
+    keras_multiworker_fix.apply()
+    _timeout_seconds = timeout_seconds
+    milliseconds = int(timeout_seconds * 1000)
+    if context.context().coordination_service is None:
+        # The coordination service (what MultiWorkerMirroredStrategy sets up itself, with
+        # no timeouts): a worker that never registers, or stops sending heartbeats, fails
+        # the others after `timeout_seconds` instead of never.
+        cluster = tf.train.ClusterSpec(config["cluster"])
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+
+        context.context().configure_coordination_service(
+            service_type="standalone",
+            service_leader=multi_worker_util.coordination_leader(cluster),
+            cluster_register_timeout_in_ms=milliseconds,
+            heartbeat_timeout_in_ms=milliseconds,
+            shutdown_barrier_timeout_in_ms=milliseconds,
+            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job))
+                              for job in ("chief", "worker") if job in cluster.jobs],
+        )
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
+    addresses = ", ".join(a for job in config["cluster"].values() for a in job)
+    # TensorFlow's start-up barrier (`context.ensure_initialized`) does not honour the
+    # timeouts above when a worker never arrives, and it holds the GIL, so no Python
+    # thread or signal handler can act: a separate watchdog process says so and ends this
+    # one past the timeout. No MLflow run is open yet, so nothing is left behind.
+    watchdog = _watchdog(timeout_seconds, f"error: distribution=multi_worker: the cluster ({addresses}) did not "
+                         f"come together within distribution.timeout_seconds={timeout_seconds:g}: is every worker "
+                         "started, with the same TF_CONFIG cluster and its own task index?")
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except RuntimeError as error:
+        if "initialized" in str(error) or "startup" in str(error):
+            raise ConfigError("distribution=multi_worker must be set up before TensorFlow starts: run it in a "
+                              "new process (python -m pipeline.train distribution=multi_worker)") from None
+        raise
+    except tf.errors.OpError as error:  # a worker never arrived, or the cluster spec points nowhere
+        _exit_if_stuck()
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PipelineError(f"distribution=multi_worker: the cluster ({addresses}) did not come together within "
+                            f"distribution.timeout_seconds={timeout_seconds:g}: {first[:300]}") from None
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
+def _watchdog(seconds: float, message: str):
+    """A process that, unless killed first, prints `message` to stderr and SIGKILLs
+    this process after `seconds`."""
+    import subprocess
+
+    script = ("import os, signal, sys, time; time.sleep(float(sys.argv[1])); "
+              "print(sys.argv[2], file=sys.stderr, flush=True); os.kill(int(sys.argv[3]), signal.SIGKILL)")
+    return subprocess.Popen([sys.executable, "-c", script, str(seconds), message, str(os.getpid())],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def explained(error: BaseException, strategy: tf.distribute.Strategy) -> BaseException:
+    """`error`, or, if it is a multi-worker peer failure (a worker died, is unreachable or
+    did not answer within `distribution.timeout_seconds`), a one-line `PipelineError`
+    saying so and how to resume. Use as `raise distribute.explained(error, strategy)`."""
+    import tensorflow as tf
+
+    peer_errors = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+                   tf.errors.DeadlineExceededError, tf.errors.InternalError, tf.errors.FailedPreconditionError)
+    if not (is_multi_worker(strategy) and isinstance(error, peer_errors)):
+        return error
+    import mlflow
+
+    _exit_if_stuck()
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines() if line.strip()]
+    reason = next((line for line in lines if "abort" in line.lower() or "connect" in line.lower()), lines[0] if lines
+                  else type(error).__name__)
+    run = mlflow.active_run() if is_chief(strategy) else None
+    run_id = run.info.run_id if run is not None else "<the chief's run id>"
+    return PipelineError(
+        f"multi-worker training stopped on {task_name(strategy)}: a worker died, is unreachable or did not answer "
+        f"within distribution.timeout_seconds={_timeout_seconds:g} ({type(error).__name__}: {reason[:300]}). "
+        f"Resume from the last checkpoint on every worker with: python -m pipeline.train resume={run_id} "
+        "distribution=multi_worker")
+
+
+def _exit_if_stuck(exit_code: int = 1) -> None:
+    """After a peer failure, TensorFlow's gRPC server can keep the interpreter from
+    exiting ("Servers don't support clean shutdown"): end the process anyway once the
+    error has had `timeout_seconds` (at least 30 s) to be reported and the run closed."""
+    import threading
+
+    timer = threading.Timer(max(30.0, _timeout_seconds), os._exit, args=(exit_code,))
+    timer.daemon = True
+    timer.start()
+
+
+def num_replicas(strategy: tf.distribute.Strategy) -> int:
+    return int(strategy.num_replicas_in_sync)
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+        strategy.extended._in_multi_worker_mode()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True unless this is a non-chief worker of a multi-worker cluster: the chief is
+    task `chief` if the cluster has one, else worker 0 (TensorFlow's convention)."""
+    if not is_multi_worker(strategy):
+        return True
+    return bool(strategy.extended.should_checkpoint)
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+    """`worker-1`, or `chief` / `local` for the process that records the run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not is_multi_worker(strategy) or resolver is None:
+        return "local"
+    return f"{resolver.task_type}-{resolver.task_id}"
+
+
+# -- data ------------------------------------------------------------------------------
+def shard_by_data(splits, strategy: tf.distribute.Strategy):
+    """Auto-shard every split by DATA: each global batch is split between the workers
+    (the datasets are generated, not files, so FILE sharding has nothing to shard)."""
+    if num_replicas(strategy) == 1:
+        return splits
+    import dataclasses
+
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+
+    def sharded(dataset):
+        return None if dataset is None else dataset.with_options(options)
+
+    return dataclasses.replace(splits, train=sharded(splits.train), val=sharded(splits.val),
+                               test=sharded(splits.test))
+
+
+def steps_per_execution(configured: int, strategy: tf.distribute.Strategy) -> int:
+    """`trainer.steps_per_execution`, or 1 with more than one replica: Keras 3.15 runs
+    several steps per call in a `tf.while_loop`, and a cross-replica synchronization
+    (every optimizer update is one) inside TensorFlow control flow builds a graph that
+    fails at run time (`You must feed a value for placeholder tensor 'while/cond/...'`,
+    keras-team/keras#19246; stock Keras `fit` fails the same way)."""
+    if configured > 1 and num_replicas(strategy) > 1:
+        log.warning("trainer.steps_per_execution=%d runs as 1 under %d replicas (keras-team/keras#19246)",
+                    configured, num_replicas(strategy))
+        return 1
+    return configured
+
+
+# -- the model -------------------------------------------------------------------------
+def synchronize_batch_norm(model: keras.Model, strategy: tf.distribute.Strategy) -> list[str]:
+    """With more than one replica, make every BatchNormalization layer compute its batch
+    statistics over the global batch (`synchronized=True`): per-replica statistics make
+    the moving averages drift between replicas. Returns the layers changed."""
+    import keras
+
+    if num_replicas(strategy) == 1:
+        return []
+    changed = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized:
+            layer.synchronized = True  # read at call time, so before the first trace is enough
+            changed.append(layer.path if hasattr(layer, "path") else layer.name)
+    if changed:
+        log.info("BatchNormalization synchronized across %d replicas: %s", num_replicas(strategy), changed)
+    return changed
+
+
+def in_replica_step() -> bool:
+    """True inside `strategy.run` with more than one replica in sync."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return context is not None and context.num_replicas_in_sync > 1
+
+
+def cond(pred, true_fn, false_fn, args: tuple = ()):
+    """`tf.cond(pred, true_fn(*args), false_fn(*args))`, also where a branch synchronizes
+    replicas (an all-reduce, `optimizer.apply`), which tf.distribute forbids inside a
+    replica's control flow. Under a strategy with more than one replica, the cond runs
+    in cross-replica context on the first replica's `pred` (every replica computes the
+    same one, from all-reduced values) and each branch runs on every replica with its
+    own `args`, as Keras' LossScaleOptimizer does. Branches must not capture
+    replica-local tensors: pass them in `args`. Returns the branch's value on one device,
+    None under a strategy."""
+    import tensorflow as tf
+
+    if not in_replica_step():
+        return tf.cond(pred, lambda: true_fn(*args), lambda: false_fn(*args))
+
+    def across_replicas(strategy, pred, *args):
+        def on_every_replica(fn):
+            def branch():
+                strategy.extended.call_for_each_replica(fn, args=args)
+                return tf.constant(True)
+            return branch
+
+        tf.cond(strategy.experimental_local_results(pred)[0], on_every_replica(true_fn), on_every_replica(false_fn))
+
+    tf.distribute.get_replica_context().merge_call(across_replicas, args=(pred, *args))
+    return None
+
+
+def all_reduce_gradients(gradients: list, loss, optimizer: keras.optimizers.Optimizer):
+    """In a replica step: the gradients and the loss summed over every replica (Keras
+    divides each replica's loss by the number of replicas, so the sums are the global
+    batch's mean loss and its gradient, as on one device), and `optimizer` set to apply
+    gradients without summing them again. Elsewhere: unchanged.
+
+    One all-reduce of the gradients per step, as stock Keras does; the optimizer's
+    clipping (`global_clipnorm`) then sees the global gradient, as on one device.
+    """
+    if not in_replica_step():
+        return gradients, loss
+    import tensorflow as tf
+
+    skip_optimizer_all_reduce(optimizer)  # at trace time; the same for every replica
+
+    context = tf.distribute.get_replica_context()
+    present = [g for g in gradients if g is not None]
+    reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, [*present, tf.cast(loss, tf.float32)]))
+    gradients = [None if g is None else next(reduced) for g in gradients]
+    return gradients, next(reduced)
+
+
+def skip_optimizer_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
+    """Make `optimizer` apply gradients as given, without summing them over replicas:
+    the train step has already done so (`all_reduce_gradients`). Keras 3.15's TensorFlow
+    optimizer has no public switch (Keras 2's `experimental_aggregate_gradients`), so
+    the per-instance override replaces `TFOptimizer._all_reduce_sum_gradients`."""
+    for target in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if target is None:
+            continue
+        if not hasattr(target, "_all_reduce_sum_gradients"):
+            raise RuntimeError(f"keras {__import__('keras').__version__}: {type(target).__name__} has no "
+                               "_all_reduce_sum_gradients to skip; pipeline/distribute.py needs updating")
+        target._all_reduce_sum_gradients = list  # (gradient, variable) pairs, unchanged
+
+
+# -- outputs and checkpoints -----------------------------------------------------------
+def scratch_checkpoint_dir(directory: Path, strategy: tf.distribute.Strategy) -> Path | None:
+    """None on the chief (it writes to `directory`); on another worker, a temporary
+    sibling it writes each checkpoint to and then deletes (TensorFlow's multi-worker
+    guidance: every worker saves, since a save may involve collectives; only the
+    chief's copy is kept)."""
+    if is_chief(strategy):
+        return None
+    return directory.parent / f".{directory.name}-{task_name(strategy)}-tmp"
+
+
+def record_on_chief_only(cfg, resume, strategy: tf.distribute.Strategy):
+    """The config and resume target a worker runs with: unchanged on the chief; on any
+    other worker, MLflow pointed at a throwaway store (deleted at exit) and no model
+    export, and a resume that opens a new (throwaway) run instead of the chief's.
+
+    Every worker runs the same training code, so they all take part in the same
+    collectives (fit, evaluation, the confusion matrix's predictions); only the chief's
+    MLflow calls reach the real store, so a cluster makes exactly one run.
+    """
+    if is_chief(strategy):
+        return cfg, resume
+    import atexit
+    import dataclasses
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix=f"mlflow-{task_name(strategy)}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    cfg.mlflow.tracking_uri = f"sqlite:///{scratch}/discarded.db"
+    cfg.mlflow.log_model = False
+    log.info("%s: not the chief, so nothing goes to MLflow (throwaway store %s)", task_name(strategy), scratch)
+    return cfg, None if resume is None else dataclasses.replace(resume, run_id=None)
