@@ -10,6 +10,7 @@ per-epoch MLflow logging. Both run `pipeline.train.train` in this process, inter
 on `synthetic_mnist` (10.8k training examples, batch 128). Target: >= 0.97.
 
 Last line: `callbacks on/off throughput ratio: mlp 0.99 (median of 7 interleaved pairs)`.
+With `--readme`, the figures go into the README.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import EpochTimer, interleaved  # noqa: E402
+from common import EpochTimer, interleaved, machine, update_readme  # noqa: E402
 
 EPOCHS = {"mlp": 6, "resnet": 3}
 TRAIN_EXAMPLES = round(12000 * 0.9)
@@ -44,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("architectures", nargs="*", default=["mlp"])
     parser.add_argument("--pairs", type=int, default=7)
+    parser.add_argument("--readme", action="store_true", help="write the figures into README.md")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = {}
@@ -56,6 +58,12 @@ def main() -> None:
                                  baseline=lambda a=architecture: throughput(a, "none", store, data_dir))
             results[architecture] = statistics.median(ratios)
     summary = ", ".join(f"{name} {ratio:.2f}" for name, ratio in results.items())
+    if args.readme:
+        update_readme("callbacks", "\n".join([
+            "| architecture | default callbacks / `callbacks=none` throughput | target |", "| --- | --- | --- |",
+            *[f"| `{name}` | {ratio:.2f}× | ≥ 0.97× |" for name, ratio in results.items()],
+            "", f"Median of {args.pairs} interleaved pairs on {machine()}.",
+        ]))
     print(f"callbacks on/off throughput ratio: {summary} (median of {args.pairs} interleaved pairs)")
 
 
