@@ -206,6 +206,12 @@ def _streaming_epochs(examples: tf.data.Dataset, batch_size: int, seed: int,
     return epoch_batches
 
 
+def zeros_batch(ds: tf.data.Dataset) -> tuple:
+    """A batch of one all-zeros example with `ds`'s structure and dtypes, made without
+    reading `ds` (a partly read `cache()` can be left holding only what was read)."""
+    return tf.nest.map_structure(lambda spec: tf.zeros([1, *spec.shape[1:]], spec.dtype), ds.element_spec)
+
+
 def _as_float32(inputs, labels):
     if isinstance(inputs, dict):
         return {key: tf.cast(value, tf.float32) for key, value in inputs.items()}, labels

@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             steps_per_execution=distribute.steps_per_execution(cfg.trainer.steps_per_execution, strategy),
             jit_compile=cfg.trainer.jit_compile,
         )
-        guarded.build_metrics(splits.test.take(1).get_single_element())  # so checkpoints can hold the metrics' state
+        guarded.build_metrics(data.zeros_batch(splits.test))  # so checkpoints can hold the metrics' state
         state = guarded.build_train_state()
         initial_epoch = 0
         if resume is not None and checkpointing is not None:
