@@ -252,12 +252,12 @@ class Checkpointing(keras.callbacks.Callback):
 
     def close(self) -> None:
         """Let a write in progress finish, and put the previous signal handlers back
-        (after training, or when it failed)."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-            if self._write_error is not None:
-                log.error("the last checkpoint could not be written: %s", self._write_error)
+        (after training, or when it failed: a write error is logged, not raised, so it
+        cannot hide the error training failed with)."""
+        try:
+            self.wait()
+        except PipelineError as error:
+            log.error("%s", error)
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
         self._previous_handlers = {}

@@ -96,7 +96,9 @@ class MLflowEpochLogger(keras.callbacks.Callback):
     def wait(self) -> None:
         """Block until every epoch so far is in the store (or in the offline file)."""
         if self._pending is not None:
-            self._pending.result()  # `_send` never raises: a failure goes to the offline file
+            # A store that fails sends the epoch to the offline file instead; only an
+            # offline file that cannot be written raises (OSError), here.
+            self._pending.result()
             self._pending = None
 
     def _send(self, epoch: int, metrics: list[Metric]) -> None:
