@@ -24,13 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import EpochTimer, interleaved, machine, update_readme  # noqa: E402
+from common import EpochTimer, Throughput, host_steadiness, interleaved, machine, update_readme  # noqa: E402
 
 EPOCHS = {"mlp": 6, "resnet": 3}
 TRAIN_EXAMPLES = round(12000 * 0.9)
 
 
-def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) -> float:
+def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) -> Throughput:
     from pipeline.config import compose
     from pipeline.train import train
 
@@ -38,7 +38,7 @@ def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) ->
                    f"callbacks={callbacks}", f"trainer.epochs={EPOCHS[architecture]}", "trainer.verbose=0",
                    "mlflow.log_model=false", f"mlflow.tracking_uri=sqlite:///{store}",
                    "+callbacks.zz_timer._target_=common.EpochTimer"]))
-    return TRAIN_EXAMPLES / EpochTimer.steady_epoch_seconds()
+    return Throughput.of_epochs(TRAIN_EXAMPLES)
 
 
 def main() -> None:
@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = {}
+    print(host_steadiness(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         store, data_dir = Path(tmp) / "mlflow.db", str(Path(tmp) / "tfds")
         for architecture in args.architectures:
@@ -56,13 +57,13 @@ def main() -> None:
             ratios = interleaved(args.pairs,
                                  candidate=lambda a=architecture: throughput(a, "default", store, data_dir),
                                  baseline=lambda a=architecture: throughput(a, "none", store, data_dir))
-            results[architecture] = statistics.median(ratios)
+            results[architecture] = statistics.median(best for best, _ in ratios)
     summary = ", ".join(f"{name} {ratio:.2f}" for name, ratio in results.items())
     if args.readme:
         update_readme("callbacks", "\n".join([
             "| architecture | default callbacks / `callbacks=none` throughput | target |", "| --- | --- | --- |",
             *[f"| `{name}` | {ratio:.2f}× | ≥ 0.97× |" for name, ratio in results.items()],
-            "", f"Median of {args.pairs} interleaved pairs on {machine()}.",
+            "", f"Median of {args.pairs} interleaved pairs, each run's fastest steady epoch, on {machine()}.",
         ]))
     print(f"callbacks on/off throughput ratio: {summary} (median of {args.pairs} interleaved pairs)")
 

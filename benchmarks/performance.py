@@ -13,7 +13,7 @@ builders and trained by the pipeline's train step (`GuardedModel`, default check
   with a large `tf.matmul`;
 - precision: `mixed_bfloat16` against float32 training throughput for resnet;
 - XLA: `jit_compile=True` against off, for mlp.
-Ratios are medians of interleaved pairs.
+Ratios are medians of interleaved pairs, each run timed by its fastest steady epoch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import machine, update_readme  # noqa: E402
+from common import host_steadiness, machine, update_readme  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -47,7 +47,8 @@ def splits_for(data_dir: str):
 
 
 def training_rate(architecture: str, splits, policy: str = "float32", jit: bool = False, epochs: int = 3) -> float:
-    """Training batches per second (steady epochs) of the pipeline's train step."""
+    """Training batches per second of the pipeline's train step, in its fastest steady
+    epoch (this host runs at full or about half speed for seconds at a time: common.py)."""
     cfg = compose([f"architecture={architecture}", "dataset=synthetic_mnist"])
     keras.backend.clear_session(free_memory=True)
     with precision.applied(policy):
@@ -60,19 +61,29 @@ def training_rate(architecture: str, splits, policy: str = "float32", jit: bool 
         timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: starts.append(time.perf_counter()),
                                                on_train_end=lambda *_: starts.append(time.perf_counter()))
         model.fit(splits.train, epochs=epochs, verbose=0, callbacks=[TrainProgress(), timer])
-    return splits.steps_per_epoch / statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
+    return splits.steps_per_epoch / min(b - a for a, b in zip(starts[1:], starts[2:]))  # fastest steady epoch
 
 
-def input_rate(splits, epochs: int = 3) -> float:
-    """Batches per second of the training pipeline alone, consumed inside TensorFlow as
-    `fit` consumes it (a Python loop would measure Python's per-batch overhead)."""
-    rates = []
+def input_rate(splits, epochs: int = 4) -> float:
+    """Batches per second of the training pipeline alone, in its fastest epoch after the
+    first (which fills the cache). Each epoch opens a new iterator, as `fit` does, and
+    is consumed by one compiled loop (traced once): a Python loop, or `Dataset.reduce`
+    (which traces its reducer on every call), would time Python instead of the input."""
+
+    @tf.function
+    def consume(iterator) -> tf.Tensor:
+        count = tf.constant(0, tf.int64)
+        for _ in iterator:
+            count += 1
+        return count
+
+    seconds = []
     for epoch in range(epochs):
         splits.epoch.assign(epoch)
         started = time.perf_counter()
-        count = int(splits.train.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
-        rates.append(count / (time.perf_counter() - started))
-    return statistics.median(rates[1:])  # the first epoch fills the cache
+        count = int(consume(iter(splits.train)))
+        seconds.append(time.perf_counter() - started)
+    return count / min(seconds[1:])
 
 
 def forward_flops(architecture: str, splits) -> float:
@@ -115,6 +126,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
     rows = []
+    print(host_steadiness(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         splits = splits_for(str(Path(tmp) / "tfds"))
         peak = matmul_peak()
