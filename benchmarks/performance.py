@@ -38,6 +38,7 @@ import tensorflow as tf  # noqa: E402
 from pipeline import data, precision  # noqa: E402
 from pipeline.config import compose  # noqa: E402
 from pipeline.guarded import GuardedModel, StepGuard, TrainProgress  # noqa: E402
+from pipeline.optim import Adam  # noqa: E402
 from pipeline.train import build_model  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def training_rate(architecture: str, splits, policy: str = "float32", jit: bool 
         keras.utils.set_random_seed(42)
         splits.epoch.assign(0)
         model = GuardedModel(build_model(cfg, splits.input_spec), StepGuard(), epoch=splits.epoch)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+        model.compile(optimizer=Adam(1e-3), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"], steps_per_execution=cfg.trainer.steps_per_execution, jit_compile=jit)
         starts = []
         timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: starts.append(time.perf_counter()),
