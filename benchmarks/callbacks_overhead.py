@@ -24,10 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import EpochTimer, Throughput, host_steadiness, interleaved, machine, update_readme  # noqa: E402
+from common import (  # noqa: E402
+    TRAIN_EXAMPLES,
+    Throughput,
+    host_steadiness,
+    interleaved,
+    machine,
+    update_readme,
+)
 
 EPOCHS = {"mlp": 6, "resnet": 3}
-TRAIN_EXAMPLES = round(12000 * 0.9)
 
 
 def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) -> Throughput:

@@ -25,6 +25,7 @@ import keras
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+TRAIN_EXAMPLES = round(12000 * 0.9)  # synthetic_mnist's train split less the 10% that validates
 
 
 class EpochTimer(keras.callbacks.Callback):

@@ -28,11 +28,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import EpochTimer, Throughput, host_steadiness, interleaved, machine, update_readme  # noqa: E402
+from common import (  # noqa: E402
+    TRAIN_EXAMPLES,
+    EpochTimer,
+    Throughput,
+    host_steadiness,
+    interleaved,
+    machine,
+    update_readme,
+)
 
 EPOCHS = {"mlp": 8, "resnet": 4}  # the first epoch compiles and is not timed
 TARGETS = {"mlp": 1.3, "resnet": 0.97}
-TRAIN_EXAMPLES = round(12000 * 0.9)  # synthetic_mnist's train split less the 10% that validates
 
 
 def pipeline_throughput(architecture: str, store: Path, data_dir: str) -> Throughput:

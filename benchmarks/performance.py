@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import host_steadiness, machine, update_readme  # noqa: E402
+from common import EpochTimer, Throughput, host_steadiness, interleaved, machine, update_readme  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -47,9 +47,10 @@ def splits_for(data_dir: str):
     return data.load(cfg.dataset, seed=42)
 
 
-def training_rate(architecture: str, splits, policy: str = "float32", jit: bool = False, epochs: int = 3) -> float:
-    """Training batches per second of the pipeline's train step, in its fastest steady
-    epoch (this host runs at full or about half speed for seconds at a time: common.py)."""
+def training_rate(architecture: str, splits, policy: str = "float32", jit: bool = False,
+                  epochs: int = 3) -> Throughput:
+    """Training batches per second of the pipeline's train step (fastest and median
+    steady epoch: common.py)."""
     cfg = compose([f"architecture={architecture}", "dataset=synthetic_mnist"])
     keras.backend.clear_session(free_memory=True)
     with precision.applied(policy):
@@ -58,11 +59,8 @@ def training_rate(architecture: str, splits, policy: str = "float32", jit: bool 
         model = GuardedModel(build_model(cfg, splits.input_spec), StepGuard(), epoch=splits.epoch)
         model.compile(optimizer=Adam(1e-3), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"], steps_per_execution=cfg.trainer.steps_per_execution, jit_compile=jit)
-        starts = []
-        timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: starts.append(time.perf_counter()),
-                                               on_train_end=lambda *_: starts.append(time.perf_counter()))
-        model.fit(splits.train, epochs=epochs, verbose=0, callbacks=[TrainProgress(), timer])
-    return splits.steps_per_epoch / min(b - a for a, b in zip(starts[1:], starts[2:]))  # fastest steady epoch
+        model.fit(splits.train, epochs=epochs, verbose=0, callbacks=[TrainProgress(), EpochTimer()])
+    return Throughput.of_epochs(splits.steps_per_epoch)
 
 
 def input_rate(splits, epochs: int = 4) -> float:
@@ -114,11 +112,8 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 
 
 def paired(pairs: int, candidate, baseline) -> float:
-    ratios = []
-    for _ in range(pairs):
-        base, cand = baseline(), candidate()
-        ratios.append(cand / base)
-    return statistics.median(ratios)
+    """The median over interleaved pairs of the fastest-epoch throughput ratio."""
+    return statistics.median(best for best, _ in interleaved(pairs, candidate, baseline))
 
 
 def main() -> None:
@@ -133,8 +128,8 @@ def main() -> None:
         peak = matmul_peak()
         print(f"dense float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
         for architecture in ("mlp", "resnet"):
-            train_rate = training_rate(architecture, splits)
-            ratio = statistics.median(input_rate(splits) / training_rate(architecture, splits)
+            train_rate = training_rate(architecture, splits).best
+            ratio = statistics.median(input_rate(splits) / training_rate(architecture, splits).best
                                       for _ in range(max(1, args.pairs // 2)))
             flops = 3 * forward_flops(architecture, splits) * 128 * train_rate
             print(f"{architecture}: {train_rate * 128:,.0f} examples/s; input pipeline {ratio:.0f}x training; "
