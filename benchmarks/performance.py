@@ -56,33 +56,39 @@ def training_rate(architecture: str, splits, policy: str = "float32", jit: bool 
     with precision.applied(policy):
         keras.utils.set_random_seed(42)
         splits.epoch.assign(0)
-        model = GuardedModel(build_model(cfg, splits.input_spec), StepGuard(), epoch=splits.epoch)
+        model = GuardedModel(build_model(cfg, splits.input_spec), StepGuard(), epoch=splits.epoch,
+                             steps_per_epoch=splits.steps_per_epoch)
         model.compile(optimizer=Adam(1e-3), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"], steps_per_execution=cfg.trainer.steps_per_execution, jit_compile=jit)
-        model.fit(splits.train, epochs=epochs, verbose=0, callbacks=[TrainProgress(), EpochTimer()])
+        model.fit(splits.train, steps_per_epoch=splits.steps_per_epoch, epochs=epochs, verbose=0,
+                  callbacks=[TrainProgress(), EpochTimer()])
     return Throughput.of_epochs(splits.steps_per_epoch)
 
 
 def input_rate(splits, epochs: int = 4) -> float:
     """Batches per second of the training pipeline alone, in its fastest epoch after the
-    first (which fills the cache). Each epoch opens a new iterator, as `fit` does, and
-    is consumed by one compiled loop (traced once): a Python loop, or `Dataset.reduce`
-    (which traces its reducer on every call), would time Python instead of the input."""
+    first (which fills the cache). One iterator serves every epoch, as in `fit`, and each
+    epoch's batches are consumed by one compiled loop (traced once): a Python loop, or
+    `Dataset.reduce` (which traces its reducer on every call), would time Python instead
+    of the input."""
 
     @tf.function
-    def consume(iterator) -> tf.Tensor:
-        count = tf.constant(0, tf.int64)
-        for _ in iterator:
-            count += 1
-        return count
+    def consume(iterator, batches: tf.Tensor) -> tf.Tensor:
+        examples = tf.constant(0)
+        for _ in tf.range(batches):
+            examples += tf.shape(tf.nest.flatten(next(iterator))[0])[0]
+        return examples
 
+    splits.epoch.assign(0)
+    iterator = iter(splits.train)
+    batches = tf.constant(splits.steps_per_epoch)
     seconds = []
-    for epoch in range(epochs):
-        splits.epoch.assign(epoch)
+    for _ in range(epochs):
         started = time.perf_counter()
-        count = int(consume(iter(splits.train)))
+        examples = int(consume(iterator, batches))
         seconds.append(time.perf_counter() - started)
-    return count / min(seconds[1:])
+    assert examples == splits.sizes["train"], (examples, splits.sizes)  # exactly one epoch per call
+    return splits.steps_per_epoch / min(seconds[1:])
 
 
 def forward_flops(architecture: str, splits) -> float:

@@ -33,10 +33,12 @@ SHUFFLE_GRAPH_SEED = 20261126
 class Splits:
     """Batched pipelines of (image, label) plus what the model and the logs need to know.
 
-    `train` yields one epoch per iteration, in the order of epoch `epoch` (a variable
-    the training loop sets before each epoch): the same epoch number gives the same
-    batches in every process, which is what makes a resumed run continue exactly where
-    the interrupted one stopped. `train_batch(epoch, index)` rebuilds one batch.
+    `train` yields every epoch from `epoch` (a variable the training loop keeps at the
+    current epoch) on, back to back, `steps_per_epoch` batches each: `fit` reads it with
+    one iterator and `steps_per_epoch`. `epoch_batches(e)` is epoch `e` alone. The same
+    epoch number gives the same batches in every process, which is what makes a resumed
+    run continue exactly where the interrupted one stopped. `train_batch(epoch, index)`
+    rebuilds one batch.
     """
 
     train: tf.data.Dataset
@@ -47,6 +49,7 @@ class Splits:
     steps_per_epoch: int
     info: tfds.core.DatasetInfo
     epoch: tf.Variable
+    epoch_batches: Callable[[tf.Tensor], tf.data.Dataset]
     train_batch: Callable[[int, int], tuple]
 
 
@@ -141,7 +144,7 @@ def load(cfg: DictConfig, seed: int) -> Splits:
         if inject_at is not None:
             ds = ds.enumerate().map(functools.partial(_inject_nan, at=inject_at,
                                                       first=epoch_number * steps_per_epoch))
-        return ds
+        return ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
 
     def train_batch(epoch_number: int, index: int) -> tuple:
         """Batch `index` of epoch `epoch_number`, exactly as training saw it."""
@@ -149,12 +152,7 @@ def load(cfg: DictConfig, seed: int) -> Splits:
         return epochs.flat_map(one_epoch).skip(index).take(1).get_single_element()
 
     return Splits(
-        # Reading `epoch` inside the pipeline: Keras opens one iterator per epoch, after
-        # `on_epoch_begin` has set it. The cardinality is stated so Keras knows the epoch length.
-        train=tf.data.Dataset.from_tensors(0)
-        .flat_map(lambda _: one_epoch(epoch.read_value()))
-        .apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
-        .prefetch(tf.data.AUTOTUNE),
+        train=consecutive_epochs(one_epoch, epoch),
         val=batched(raw["val"], cfg.batch_size, cfg.cache) if num_val else None,
         test=batched(raw["test"], cfg.batch_size, cfg.cache),
         input_spec=input_spec,
@@ -162,8 +160,26 @@ def load(cfg: DictConfig, seed: int) -> Splits:
         steps_per_epoch=steps_per_epoch,
         info=info,
         epoch=epoch,
+        epoch_batches=one_epoch,
         train_batch=train_batch,
     )
+
+
+def consecutive_epochs(epoch_batches: Callable[[tf.Tensor], tf.data.Dataset], epoch: tf.Variable) -> tf.data.Dataset:
+    """Epochs `epoch_batches(e)` for e = `epoch`'s value when an iterator opens, e + 1, ...,
+    back to back, without end.
+
+    `fit` opens one iterator for the whole run, after `on_epoch_begin` has set `epoch`
+    to the first epoch (or to the epoch a resume re-enters), so no epoch waits for an
+    iterator to be made: the next epoch's pipeline is set up by the prefetch thread
+    while the last batches of this one train. Each epoch's order comes from its number,
+    not from the variable, so reading ahead cannot race the callbacks that advance it.
+    """
+    return (tf.data.Dataset.from_tensors(0)
+            .flat_map(lambda _: tf.data.Dataset.counter(epoch.read_value()))
+            .flat_map(epoch_batches)
+            .apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+            .prefetch(tf.data.AUTOTUNE))
 
 
 def _in_memory_epochs(examples: tf.data.Dataset, size: int, batch_size: int,

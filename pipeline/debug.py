@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from pipeline import data
 from pipeline.data import Splits
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,11 @@ def apply(cfg: DictConfig, splits: Splits) -> Splits:
         examples = int(tf.nest.flatten(batch[1])[0].shape[0])
         splits = dataclasses.replace(
             splits,
-            train=one.repeat(debug.overfit_steps),
+            train=one.repeat(),
             val=one,
             steps_per_epoch=int(debug.overfit_steps),
             sizes={**splits.sizes, "train": examples, "val": examples},
+            epoch_batches=lambda epoch: one.repeat(debug.overfit_steps),
             train_batch=lambda epoch, index: batch,
         )
     else:
@@ -61,10 +63,15 @@ def apply(cfg: DictConfig, splits: Splits) -> Splits:
             keep = {role: max(1, math.ceil(n * float(debug.limit_fraction))) for role, n in batches.items()}
         else:
             keep = batches
+        epoch_batches = splits.epoch_batches
+
+        def first_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+            return epoch_batches(epoch).take(keep["train"])
+
         splits = dataclasses.replace(
             splits,
-            # `train` states its cardinality, so `take` keeps Keras' epoch length right.
-            train=splits.train.take(keep["train"]),
+            train=data.consecutive_epochs(first_batches, splits.epoch),
+            epoch_batches=first_batches,
             val=_first(splits.val, keep["val"]) if splits.val is not None else None,
             test=_first(splits.test, keep["test"]),
             steps_per_epoch=keep["train"],

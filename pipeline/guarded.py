@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
+from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 from keras.src.losses import loss as keras_loss  # Keras' own train step uses it: same semantics
 
 from pipeline import distribute
@@ -132,13 +133,19 @@ class GuardedModel(keras.Model):
         model: the model to train.
         guard: what to do with a bad step.
         epoch: the variable that orders the training data (`pipeline.data.Splits.epoch`).
+        steps_per_epoch: the epoch length, when `fit` reads all epochs from one iterator
+            (`pipeline.data.consecutive_epochs`): then no execution of several steps runs
+            past an epoch's last batch, so each epoch trains on exactly its own batches.
+            None: Keras's own train function, for data that ends with each epoch.
     """
 
-    def __init__(self, model: keras.Model, guard: StepGuard | None = None, epoch: tf.Variable | None = None) -> None:
+    def __init__(self, model: keras.Model, guard: StepGuard | None = None, epoch: tf.Variable | None = None,
+                 steps_per_epoch: int | None = None) -> None:
         super().__init__(name=f"guarded_{model.name}")
         self.model = model
         self.guard = guard
         self._epoch = epoch
+        self._steps_per_epoch = steps_per_epoch
         self._layer_groups: list[tuple[str, list[int]]] | None = None
         self.train_state: TrainState | None = None
 
@@ -175,6 +182,45 @@ class GuardedModel(keras.Model):
         if self.train_state is None:
             self.train_state = TrainState(self.layer_names, epoch=self._epoch)
         return self.train_state
+
+    def make_train_function(self, force=False):
+        """Keras 3.15's train function (`TensorFlowTrainer._make_function`), except that
+        an execution of `steps_per_execution` steps stops at the epoch's last batch.
+
+        Keras's own runs `steps_per_execution` steps while its iterator has data. Over a
+        single iterator of consecutive epochs that would carry an epoch's last execution
+        into the next epoch whenever `steps_per_execution` does not divide the epoch.
+        Here the execution's length is the epoch's remaining batches, capped, read from
+        the train state in the same graph.
+        """
+        if self._steps_per_epoch is None:
+            return super().make_train_function(force)
+        if self.train_function is not None and not force:
+            return self.train_function
+        strategy = self.distribute_strategy
+        steps_per_execution, steps_per_epoch = self.steps_per_execution, self._steps_per_epoch
+        state = self.build_train_state()
+
+        def one_step(data):
+            outputs = strategy.run(self.train_step, args=(data,))
+            # Looked up when traced: `pipeline.keras_multiworker_fix` may have replaced it.
+            return keras_tf_trainer.reduce_per_replica(outputs, strategy, reduction="auto")
+
+        def execution(iterator):
+            remaining = tf.cast(steps_per_epoch, tf.int64) - state.batch.read_value()
+            steps = tf.clip_by_value(remaining, 1, steps_per_execution)
+            outputs = one_step(next(iterator))
+            if steps_per_execution > 1:
+                _, outputs = tf.while_loop(lambda i, _: i < steps, lambda i, _: (i + 1, one_step(next(iterator))),
+                                           (tf.constant(1, tf.int64), outputs))
+            return outputs
+
+        if not self.run_eagerly:
+            # As Keras's: the step itself is not converted by AutoGraph.
+            one_step = tf.function(one_step, reduce_retracing=True, jit_compile=self.jit_compile, autograph=False)
+            execution = tf.function(execution, reduce_retracing=True, autograph=False)
+        self.train_function = execution
+        return execution
 
     def train_step(self, data):
         state = self.build_train_state()

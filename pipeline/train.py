@@ -97,7 +97,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model = build_model(cfg, splits.input_spec, architecture)
         distribute.synchronize_batch_norm(model, strategy)  # >1 replica: global batch statistics
         # Trains `model` with the gradient-norm and finite checks in its train step.
-        guarded = GuardedModel(model, guard.step_guard if guard else None, epoch=splits.epoch)
+        guarded = GuardedModel(model, guard.step_guard if guard else None, epoch=splits.epoch,
+                               steps_per_epoch=splits.steps_per_epoch)
         guarded.compile(
             optimizer=build_optimizer(cfg, splits.steps_per_epoch, guard.lr_scale if guard else None),
             **compile_args(cfg.architecture),
@@ -157,7 +158,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 fit_callbacks.append(checkpointing)
             try:
                 history = guarded.fit(
-                    splits.train,
+                    splits.train,  # every epoch, from one iterator: `steps_per_epoch` says where each ends
+                    steps_per_epoch=splits.steps_per_epoch,
                     validation_data=splits.val,
                     epochs=cfg.trainer.epochs,
                     initial_epoch=initial_epoch,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import compose_config
 from sklearn.datasets import load_digits
@@ -64,26 +65,34 @@ def test_loader_carves_a_fixed_validation_set(tfds_dir: str) -> None:
     def labels(ds):
         return np.concatenate([y for _, y in tfds.as_numpy(ds)])
 
+    def one_epoch(splits: data.Splits) -> tf.data.Dataset:  # `train` runs on, epoch after epoch
+        return splits.train.take(splits.steps_per_epoch)
+
     again = data.load(cfg.dataset, seed=1)
     np.testing.assert_array_equal(labels(splits.val), labels(again.val))  # same examples, same order
-    assert sum(len(y) for _, y in tfds.as_numpy(splits.train)) == 1150
+    assert splits.train.cardinality() == tf.data.INFINITE_CARDINALITY
+    assert sum(len(y) for _, y in tfds.as_numpy(one_epoch(splits))) == 1150
     def examples(ds) -> set[bytes]:
         return {image.tobytes() + bytes([label])
                 for images, ys in tfds.as_numpy(ds) for image, label in zip(images, ys)}
 
-    train, val, test = examples(splits.train), examples(splits.val), examples(splits.test)
+    train, val, test = examples(one_epoch(splits)), examples(splits.val), examples(splits.test)
     assert len(train) == 1150 and len(val) == 287 and len(test) == 360  # digits has no duplicates
     assert not train & val and not train & test and not val & test, "no example may sit in two splits"
-    first_epoch = labels(splits.train)
+    first_epoch = labels(one_epoch(splits))
     splits.epoch.assign(1)
-    second_epoch = labels(splits.train)
+    second_epoch = labels(one_epoch(splits))
     assert not np.array_equal(first_epoch, second_epoch), "train must reshuffle every epoch"
     # The order is a function of (seed, epoch) only: a resumed process sees the same
     # batches, and one batch can be rebuilt on its own for a diagnosis.
     splits.epoch.assign(0)
-    np.testing.assert_array_equal(labels(splits.train), first_epoch)
-    np.testing.assert_array_equal(labels(data.load(cfg.dataset, seed=0).train), first_epoch)
-    assert not np.array_equal(labels(again.train), first_epoch), "another seed, another order"
+    np.testing.assert_array_equal(labels(one_epoch(splits)), first_epoch)
+    np.testing.assert_array_equal(labels(one_epoch(data.load(cfg.dataset, seed=0))), first_epoch)
+    assert not np.array_equal(labels(one_epoch(again)), first_epoch), "another seed, another order"
+    # One iterator runs on from the epoch it opened at into the next ones, each in its own order.
+    np.testing.assert_array_equal(labels(splits.train.take(2 * splits.steps_per_epoch)),
+                                  np.concatenate([first_epoch, second_epoch]))
+    np.testing.assert_array_equal(labels(splits.epoch_batches(tf.constant(1, tf.int64))), second_epoch)
     images, batch_labels = splits.train_batch(1, 3)
     np.testing.assert_array_equal(batch_labels.numpy(), second_epoch[3 * 100:4 * 100])
 

@@ -38,7 +38,8 @@ def trained(tfds_dir: str):
     optimizer = optim.build(cfg.optimizer, splits.steps_per_epoch, 2, tf.Variable(1.0, trainable=False))
     assert isinstance(optimizer._learning_rate, optim.ScaledLearningRate)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(splits.train, validation_data=splits.val, epochs=2, verbose=0).history
+    history = model.fit(splits.train, steps_per_epoch=splits.steps_per_epoch, validation_data=splits.val, epochs=2,
+                        verbose=0).history
     return model, optimizer, history, splits
 
 

@@ -83,6 +83,8 @@ def test_optuna_search_space_composes() -> None:
 
 
 def test_debug_modes_shrink_every_split(tfds_dir: str) -> None:
+    import tensorflow as tf
+
     from pipeline import data, debug
 
     expected = {  # mode -> (steps per epoch, val batches, test batches); digits: 41/5/12 batches of 32
@@ -93,10 +95,14 @@ def test_debug_modes_shrink_every_split(tfds_dir: str) -> None:
     for mode, (steps, val_batches, test_batches) in expected.items():
         cfg = compose_config([f"debug={mode}", f"dataset.data_dir={tfds_dir}"])
         splits = debug.apply(cfg, data.load(cfg.dataset, seed=0))
-        assert splits.steps_per_epoch == steps == int(splits.train.cardinality()) == len(list(splits.train))
+        epoch = splits.epoch_batches(tf.constant(0, tf.int64))
+        assert splits.steps_per_epoch == steps == int(epoch.cardinality()) == len(list(epoch))
+        # `train` runs on into the next epochs, each as long.
+        assert splits.train.cardinality() == tf.data.INFINITE_CARDINALITY
+        assert len(list(splits.train.take(3 * steps))) == 3 * steps
         assert len(list(splits.val)) == val_batches and len(list(splits.test)) == test_batches
         assert debug.tags(cfg) == {"debug": mode}
-    first = [x.numpy() for x, _ in splits.train]  # overfit: one batch, the same every step
+    first = [x.numpy() for x, _ in splits.train.take(25)]  # overfit: one batch, the same every step
     assert all((x == first[0]).all() for x in first) and splits.sizes["train"] == 32
 
 
