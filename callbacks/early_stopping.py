@@ -10,37 +10,88 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.utils import io_utils
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
-    """`keras.callbacks.EarlyStopping`, same arguments, resumable from a checkpoint."""
+    """`keras.callbacks.EarlyStopping`, same arguments, resumable from a checkpoint.
+
+    The best epoch's weights are kept in variables (`checkpoint_state().best_weights`),
+    copied in one compiled call, rather than in NumPy arrays from `get_weights()`: an
+    improving epoch then costs no copy to the host, and a checkpoint saves them as they are.
+    """
 
     _saved: tf.Module | None = None
-    _saved_weights: list | None = None  # the best weights already copied into `_saved`
+    _copy_to_best = None  # compiled: the model's weights -> saved.best_weights
+    _copy_from_best = None  # compiled: saved.best_weights -> the model's weights
 
     def checkpoint_state(self) -> tf.Module:
-        """Variables mirroring the Python state; `before_save` fills them."""
+        """Variables holding the state: the best weights themselves, and the Python
+        counters, which `before_save` copies in."""
         if self._saved is None:
             saved = tf.Module(name="early_stopping")
             saved.wait = tf.Variable(0, dtype=tf.int64, trainable=False)
             saved.best = tf.Variable(np.nan, dtype=tf.float64, trainable=False)  # nan: none yet
             saved.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
             saved.has_best_weights = tf.Variable(False, trainable=False)
-            saved.best_weights = [tf.Variable(np.zeros(w.shape, dtype=w.dtype), trainable=False)
-                                  for w in self.model.get_weights()]
+            weights = self.model.weights
+            saved.best_weights = [tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False) for w in weights]
+            pairs = list(zip(saved.best_weights, weights))
+            self._copy_to_best = tf.function(lambda: [best.assign(w) for best, w in pairs], autograph=False)
+            self._copy_from_best = tf.function(lambda: [w.assign(best) for best, w in pairs], autograph=False)
             self._saved = saved
         return self._saved
+
+    def on_train_begin(self, logs=None) -> None:
+        super().on_train_begin(logs)
+        self.checkpoint_state().has_best_weights.assign(False)
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        # Keras 3.15's, with `_keep_best_weights()` for `best_weights = model.get_weights()`.
+        if self.monitor_op is None:
+            self._set_monitor_op()  # once the model's metrics are built
+        current = self.get_monitor_value(logs)
+        if current is None or epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and not self.has_best_weights:
+            self._keep_best_weights()  # never set: the current weights are the best
+            self.best_epoch = epoch
+        self.wait += 1
+        if self._is_improvement(current, self.best):
+            self.best = current
+            self.best_epoch = epoch
+            if self.restore_best_weights:
+                self._keep_best_weights()
+            if self.baseline is None or self._is_improvement(current, self.baseline):
+                self.wait = 0  # beat both the baseline and the previous best
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None) -> None:
+        if self.stopped_epoch > 0 and self.verbose > 0:
+            io_utils.print_msg(f"Epoch {self.stopped_epoch + 1}: early stopping")
+        if self.restore_best_weights and self.has_best_weights:
+            if self.verbose > 0:
+                io_utils.print_msg(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
+            self.checkpoint_state()
+            self._copy_from_best()
+
+    @property
+    def has_best_weights(self) -> bool:
+        return bool(self.checkpoint_state().has_best_weights.numpy())
+
+    def _keep_best_weights(self) -> None:
+        saved = self.checkpoint_state()
+        self._copy_to_best()
+        saved.has_best_weights.assign(True)
 
     def before_save(self) -> None:
         saved = self.checkpoint_state()
         saved.wait.assign(self.wait)
         saved.best.assign(np.nan if self.best is None else float(self.best))
         saved.best_epoch.assign(self.best_epoch)
-        saved.has_best_weights.assign(self.best_weights is not None)
-        if self.best_weights is not None and self.best_weights is not self._saved_weights:
-            for variable, value in zip(saved.best_weights, self.best_weights):
-                variable.assign(value)
-            self._saved_weights = self.best_weights  # Keras replaces the list on every improvement
 
     def after_restore(self) -> None:
         saved = self.checkpoint_state()
@@ -48,5 +99,3 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         best = float(saved.best.numpy())
         self.best = None if np.isnan(best) else best
         self.best_epoch = int(saved.best_epoch.numpy())
-        self.best_weights = [v.numpy() for v in saved.best_weights] if bool(saved.has_best_weights.numpy()) else None
-        self._saved_weights = self.best_weights

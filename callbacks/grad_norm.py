@@ -98,6 +98,7 @@ class GradNormGuard(keras.callbacks.Callback):
         self._rollback_steps: list[int] = []
         self._pending: list[tuple[str, float, int]] = []
         self._logged_up_to = 0
+        self._weights_finite: Callable[[], tf.Tensor] | None = None  # compiled at `on_train_begin`
 
     # -- hooks ---------------------------------------------------------------------
     def checkpoint_state(self) -> tf.Module:
@@ -107,6 +108,7 @@ class GradNormGuard(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self._logged_up_to = int(self._state.global_batch.numpy())
+        self._weights_finite = _all_finite(self.model.model)
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
         self._poll()
@@ -122,7 +124,7 @@ class GradNormGuard(keras.callbacks.Callback):
         if self.action in ("warn", "skip") and statistics["skipped_steps"] and math.isnan(statistics["grad_norm_max"]):
             raise DivergenceError(f"every step of epoch {epoch} had a non-finite loss or gradient norm and was "
                                   "skipped: training is not progressing")
-        layer = _first_non_finite_weight(self.model.model)
+        layer = None if self._weights_finite() else diagnose.first_non_finite_weights(self.model.model)
         if layer is not None:
             raise DivergenceError(f"non-finite weights in layer '{layer}' after epoch {epoch}")
         self._flush()
@@ -237,18 +239,16 @@ class GradNormGuard(keras.callbacks.Callback):
         self._pending = []
 
 
-def _first_non_finite_weight(model: keras.Model) -> str | None:
-    """After each epoch: one fused is-finite over every float weight, then, only if that
-    fails, which layer."""
+def _all_finite(model: keras.Model):
+    """A compiled check, for after each epoch: one fused is-finite over every float
+    weight of `model` (only if it fails does the diagnosis look for the layer)."""
     weights = [w for w in model.weights if np.issubdtype(np.dtype(w.dtype), np.floating)]
-    if all_finite([w.value for w in weights]):
-        return None
-    return diagnose.first_non_finite_weights(model)
 
+    def all_finite() -> tf.Tensor:
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(w.value)) for w in weights]) if weights \
+            else tf.constant(True)
 
-@tf.function(reduce_retracing=True)
-def all_finite(weights) -> tf.Tensor:
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(w)) for w in weights]) if weights else tf.constant(True)
+    return tf.function(all_finite, autograph=False)
 
 
 def _require(ok: bool, key: str, rule: str, value) -> None:
