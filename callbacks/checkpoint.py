@@ -29,7 +29,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline.errors import PipelineError, TrainingInterrupted
+from pipeline.errors import PipelineError, TrainingInterrupted, one_line
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Checkpointing(keras.callbacks.Callback):
                 return path
             except Exception as error:  # OpError, or IndexError/ValueError from a truncated file
                 log.warning("checkpoint %s is unreadable (%s); falling back to the one before it", path,
-                            " ".join(str(error).split())[:200])
+                            one_line(error, 200))
         if candidates:
             raise PipelineError(f"every checkpoint in {self.directory} is unreadable "
                                 f"({', '.join(Path(p).name for p in candidates)}); cannot resume")
@@ -244,7 +244,7 @@ class Checkpointing(keras.callbacks.Callback):
         error, self._write_error = self._write_error, None
         if error is not None:
             raise PipelineError(f"cannot write a checkpoint to {self.directory}: "
-                                f"{' '.join(str(error).split())[:300]}") from None
+                                f"{one_line(error)}") from None
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -349,5 +349,5 @@ def _read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
         status.assert_existing_objects_matched()
     except AssertionError as error:
         raise PipelineError(f"checkpoint {path} does not hold this model's training state "
-                            f"({' '.join(str(error).split())[:200]})") from None
+                            f"({one_line(error, 200)})") from None
     status.expect_partial()  # the rest of the checkpoint (metrics, callbacks) is read later

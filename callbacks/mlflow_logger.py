@@ -22,6 +22,7 @@ import keras
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import one_line
 from pipeline.optim import current_learning_rate
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class MLflowEpochLogger(keras.callbacks.Callback):
 
     def _write_offline(self, epoch: int, metrics: list[Metric], error: Exception) -> None:
         if self.first_failure is None:
-            self.first_failure = f"epoch {epoch}: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+            self.first_failure = f"epoch {epoch}: {type(error).__name__}: {one_line(error, 200)}"
             log.warning("cannot log to MLflow (%s); training goes on, metrics go to %s", self.first_failure,
                         self.offline_file)
         with self.offline_file.open("a") as file:

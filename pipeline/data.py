@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 import pipeline.datasets  # noqa: F401  (registers the project's own TFDS builders)
 from architectures.common import InputSpec
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, one_line
 
 # The graph-level seed of the per-epoch shuffle (its operation seed is (seed, epoch)).
 SHUFFLE_GRAPH_SEED = 20261126
@@ -72,7 +72,7 @@ def prepared_builder(cfg: DictConfig) -> tfds.core.DatasetBuilder:
     try:
         builder.download_and_prepare()
     except Exception as error:  # any network or build failure: say what to do instead
-        reason = " ".join(str(error).split())[:300]
+        reason = one_line(error)
         raise DatasetError(
             f"dataset {cfg.name!r} is not prepared in {where} and preparing it failed "
             f"({type(error).__name__}: {reason}). Prepare it where there is network "

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, one_line
 
 if TYPE_CHECKING:
     import keras
@@ -83,7 +83,7 @@ def cluster_spec() -> dict:
     except (ValueError, KeyError, TypeError) as error:
         reason = f"missing key {error}" if isinstance(error, KeyError) else str(error)
         raise ConfigError(f"TF_CONFIG for distribution=multi_worker is invalid ({reason}). "
-                          f"Received: {' '.join(raw.split())[:300]}") from None
+                          f"Received: {one_line(raw)}") from None
     return config
 
 

@@ -5,6 +5,8 @@ one line (`error: ...`) with a non-zero exit code; everything else is a bug and 
 its traceback.
 """
 
+from __future__ import annotations
+
 
 class PipelineError(Exception):
     """A failure caused by the user's input or environment, explained in one line."""
@@ -35,3 +37,9 @@ class TrainingInterrupted(PipelineError):
     def __init__(self, message: str, signal_number: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signal_number
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """`error`'s message with every run of whitespace (newlines included) made one space,
+    cut to `limit` characters: for a log line, a tag or an error message that quotes it."""
+    return " ".join(str(error).split())[:limit]

@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli, config  # noqa: F401  (config registers the schemas Hydra composes with)
-from pipeline.errors import ConfigError, DatasetError, PipelineError
+from pipeline.errors import ConfigError, DatasetError, PipelineError, one_line
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     try:
         model = mlflow.pyfunc.load_model(cfg.model)
     except Exception as error:  # unknown name/alias/run, unreadable artifacts, bad URI
-        reason = " ".join(str(error).split())[:300]
+        reason = one_line(error)
         raise PipelineError(f"model: cannot load {cfg.model!r}: {reason}") from None
 
     split = data.split(cfg.dataset, cfg.split)

@@ -34,7 +34,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import cli
 from pipeline.config import DatasetConfig, MLflowConfig
-from pipeline.errors import ConfigError, DatasetError, PipelineError
+from pipeline.errors import ConfigError, DatasetError, PipelineError, one_line
 
 if TYPE_CHECKING:
     import keras
@@ -128,7 +128,7 @@ def load_keras_model(uri: str) -> keras.Model:
             try:
                 path = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=download_dir))
             except Exception as error:  # unknown run, missing artifact, unreachable store
-                reason = " ".join(str(error).split())[:300]
+                reason = one_line(error)
                 raise PipelineError(f"model: cannot download {artifact_uri}: {reason}") from None
         else:
             path = Path(uri)
@@ -139,7 +139,7 @@ def load_keras_model(uri: str) -> keras.Model:
         try:
             return keras.saving.load_model(path, compile=False)  # inference only: no optimizer state needed
         except Exception as error:
-            reason = " ".join(str(error).split())[:300]
+            reason = one_line(error)
             raise PipelineError(f"model: cannot load {uri} as a Keras model: {reason}") from None
 
 

@@ -42,6 +42,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.errors import one_line
+
 if TYPE_CHECKING:  # matplotlib costs ~0.8 s to import; every run loads this callback, only sweeps plot
     from matplotlib.figure import Figure
 
@@ -248,7 +250,7 @@ class SweepRuns(Callback):
             log_file = Path(str(config.hydra.runtime.output_dir)) / f"{config.hydra.job.name}.log"
             if log_file.is_file():
                 _retry(lambda: client.log_artifact(child.info.run_id, str(log_file)))
-        _retry(lambda: client.set_tag(child.info.run_id, "failure_reason", " ".join(reason.split())[:5000]))
+        _retry(lambda: client.set_tag(child.info.run_id, "failure_reason", one_line(reason, 5000)))
         _retry(lambda: client.set_terminated(child.info.run_id, "FAILED"))
 
     def _job_experiment(self, client, config: DictConfig) -> str:

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from architectures.common import InputSpec
 from pipeline import sweep
-from pipeline.errors import ConfigError, PipelineError, TrainingInterrupted
+from pipeline.errors import ConfigError, PipelineError, TrainingInterrupted, one_line
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def connect(cfg: DictConfig) -> str:
     try:
         return mlflow.set_experiment(cfg.experiment_name).experiment_id
     except Exception as error:  # bad path, unwritable directory, corrupt database, ...
-        reason = " ".join(str(error).split())[:300]
+        reason = one_line(error)
         raise PipelineError(f"mlflow.tracking_uri: cannot open the MLflow store at {uri}: {reason}") from None
 
 
@@ -258,7 +258,7 @@ def recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:
 
 def _tag_failure(run_id: str, reason: str) -> None:
     try:
-        MlflowClient().set_tag(run_id, "failure_reason", " ".join(reason.split())[:5000])
+        MlflowClient().set_tag(run_id, "failure_reason", one_line(reason, 5000))
     except Exception:  # the store may be the thing that failed; the status still gets set
         log.exception("could not record the failure reason on run %s", run_id)
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
 from pipeline.config import RESERVED_ARCHITECTURE_KEYS, validate
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, one_line
 
 if TYPE_CHECKING:
     import keras
@@ -204,7 +204,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 saved = _output_dir() / "model.keras"
                 model.save(saved)
                 raise PipelineError(
-                    f"training finished but MLflow could not record it ({' '.join(str(error).split())[:300]}). "
+                    f"training finished but MLflow could not record it ({one_line(error)}). "
                     f"Kept: the model in {saved}, per-epoch metrics in {epoch_logger.offline_file}"
                     + (f", checkpoints in {checkpointing.directory}" if checkpointing else "")
                 ) from error
