@@ -1,4 +1,5 @@
-"""What every builder shares: the input description, the output head and argument checks."""
+"""What every builder shares: the input description, the output head, argument checks,
+and the walk over a model's (nested) layers."""
 
 from __future__ import annotations
 
@@ -74,3 +75,10 @@ def check_positive_int(value: int, name: str) -> None:
 def check_units(units: list[int] | tuple[int, ...], name: str) -> None:
     if not units or any(int(u) < 1 for u in units):
         raise ValueError(f"{name} must be a non-empty list of positive ints. Received: {list(units)}")
+
+
+def nested_layers(model: keras.layers.Layer):
+    """Every layer of `model`, descending into nested models (e.g. ensemble members)."""
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from nested_layers(layer)

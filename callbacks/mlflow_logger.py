@@ -22,17 +22,11 @@ import keras
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from architectures.common import nested_layers
 from pipeline.errors import one_line
 from pipeline.optim import current_learning_rate
 
 log = logging.getLogger(__name__)
-
-
-def nested_layers(model: keras.layers.Layer):
-    """Every layer of `model`, descending into nested models (e.g. ensemble members)."""
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from nested_layers(layer)
 
 
 def metric_key(keras_name: str) -> str:

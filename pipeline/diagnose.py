@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from architectures.common import nested_layers
+
 
 def non_finite_count(values) -> int:
     return int(sum(np.size(a) - np.count_nonzero(np.isfinite(a))
@@ -61,8 +63,6 @@ def _is_functional(model: keras.Model) -> bool:
 @contextlib.contextmanager
 def _recorded_calls(model: keras.Model) -> Iterator[list[tuple[str, object]]]:
     """Record (layer name, output) of every leaf layer call, in execution order."""
-    from callbacks.mlflow_logger import nested_layers
-
     calls: list[tuple[str, object]] = []
     leaves = [layer for layer in nested_layers(model) if not getattr(layer, "layers", None)]
     for layer in leaves:

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import REPO, compose_config
 
 from architectures import InputSpec
-from callbacks.mlflow_logger import nested_layers
+from architectures.common import nested_layers
 from pipeline import tracking
 from pipeline.config import validate
 from pipeline.errors import ConfigError
