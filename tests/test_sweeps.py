@@ -24,13 +24,6 @@ from pipeline.config import validate
 # Every job of these sweeps trains one epoch, silently, on the session's digits.
 TINY = ("trainer.epochs=1", "trainer.verbose=0")
 
-# debug=... needs pipeline/train.py to call pipeline.debug (see pipeline/debug.py).
-needs_debug_hook = pytest.mark.skipif(
-    "debug.apply(" not in (REPO / "pipeline" / "train.py").read_text(),
-    reason="pipeline/train.py does not call debug.apply(cfg, splits) and debug.tags(cfg) yet",
-)
-
-
 def sweep_runs(client: MlflowClient, experiment: str = "digits"):
     """(parent, children sorted by job number) of the one sweep in `experiment`."""
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
@@ -253,7 +246,6 @@ def test_joblib_launcher_in_parallel_against_a_tracking_server(mlflow_server: st
 
 
 @pytest.mark.slow
-@needs_debug_hook
 def test_every_experiment_preset_in_smoke_mode(tfds_dir: str, tmp_path: Path) -> None:
     result = run_module("pipeline.train", "-m", "experiment=glob(*)", "debug=smoke", f"dataset.data_dir={tfds_dir}",
                         cwd=tmp_path)
@@ -270,7 +262,6 @@ def test_every_experiment_preset_in_smoke_mode(tfds_dir: str, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-@needs_debug_hook
 def test_overfit_mode_drives_the_loss_to_zero(tfds_dir: str, mlflow_store: str) -> None:
     from pipeline.train import train
 
