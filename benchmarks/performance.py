@@ -37,9 +37,10 @@ import tensorflow as tf  # noqa: E402
 
 from pipeline import data, precision  # noqa: E402
 from pipeline.config import compose  # noqa: E402
-from pipeline.guarded import GuardedModel, StepGuard, TrainProgress  # noqa: E402
+from pipeline.guarded import GuardedModel, TrainProgress  # noqa: E402
 from pipeline.optim import Adam  # noqa: E402
 from pipeline.train import build_model  # noqa: E402
+from pipeline.train_state import StepGuard  # noqa: E402
 
 
 def splits_for(data_dir: str):

@@ -3,7 +3,7 @@
 `Checkpointing` saves, every `every_n_steps` steps and at each epoch's end, everything
 a resume needs to continue as if nothing happened: the model's variables (BatchNorm
 statistics and dropout seed state included), the optimizer (with its step counter),
-the data position (`pipeline.guarded.TrainState`), the epoch's metric accumulators,
+the data position (`pipeline.train_state.TrainState`), the epoch's metric accumulators,
 and the state of callbacks that have one (early stopping, the gradient-norm guard's
 learning-rate backoff).
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from pipeline import diagnose
 from pipeline.errors import DivergenceError
-from pipeline.guarded import NON_FINITE, StepGuard, TrainState
+from pipeline.train_state import NON_FINITE, StepGuard, TrainState
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from pipeline import data
-from pipeline.guarded import GuardedModel, StepGuard, TrainProgress
+from pipeline.guarded import GuardedModel, TrainProgress
+from pipeline.train_state import StepGuard
 
 STEPS_PER_EPOCH = 5  # 4 steps per execution do not divide it: executions of 4 and 1
 
