@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError, PipelineError, one_line
@@ -85,6 +83,21 @@ def cluster_spec() -> dict:
         raise ConfigError(f"TF_CONFIG for distribution=multi_worker is invalid ({reason}). "
                           f"Received: {one_line(raw)}") from None
     return config
+
+
+def role(cfg: Any) -> tuple[str, bool]:
+    """(task, is_chief) of this process, from `TF_CONFIG`, before TensorFlow starts.
+
+    `("local", True)` unless `cfg` (the `distribution` group) is `multi_worker`; then
+    the task is e.g. `worker-1`, and the chief is task `chief` if the cluster has one,
+    else worker 0 (TensorFlow's convention). Only the chief records the run.
+    """
+    if cfg is None or cfg.get("kind") != "multi_worker":
+        return "local", True
+    config = cluster_spec()
+    task_type, index = config["task"]["type"], int(config["task"]["index"])
+    is_chief = task_type == "chief" or (task_type == "worker" and index == 0 and "chief" not in config["cluster"])
+    return f"{task_type}-{index}", is_chief
 
 
 # -- the strategy ----------------------------------------------------------------------
@@ -396,37 +409,3 @@ def skip_optimizer_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
             raise RuntimeError(f"keras {__import__('keras').__version__}: {type(target).__name__} has no "
                                "_all_reduce_sum_gradients to skip; pipeline/distribute.py needs updating")
         target._all_reduce_sum_gradients = list  # (gradient, variable) pairs, unchanged
-
-
-# -- outputs and checkpoints -----------------------------------------------------------
-def scratch_checkpoint_dir(directory: Path, strategy: tf.distribute.Strategy) -> Path | None:
-    """None on the chief (it writes to `directory`); on another worker, a temporary
-    sibling it writes each checkpoint to and then deletes (TensorFlow's multi-worker
-    guidance: every worker saves, since a save may involve collectives; only the
-    chief's copy is kept)."""
-    if is_chief(strategy):
-        return None
-    return directory.parent / f".{directory.name}-{task_name(strategy)}-tmp"
-
-
-def record_on_chief_only(cfg, resume, strategy: tf.distribute.Strategy):
-    """The config and resume target a worker runs with: unchanged on the chief; on any
-    other worker, MLflow pointed at a throwaway store (deleted at exit) and no model
-    export, and a resume that opens a new (throwaway) run instead of the chief's.
-
-    Every worker runs the same training code, so they all take part in the same
-    collectives (fit, evaluation, the confusion matrix's predictions); only the chief's
-    MLflow calls reach the real store, so a cluster makes exactly one run.
-    """
-    if is_chief(strategy):
-        return cfg, resume
-    import atexit
-    import dataclasses
-    import tempfile
-
-    scratch = tempfile.mkdtemp(prefix=f"mlflow-{task_name(strategy)}-")
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    cfg.mlflow.tracking_uri = f"sqlite:///{scratch}/discarded.db"
-    cfg.mlflow.log_model = False
-    log.info("%s: not the chief, so nothing goes to MLflow (throwaway store %s)", task_name(strategy), scratch)
-    return cfg, None if resume is None else dataclasses.replace(resume, run_id=None)

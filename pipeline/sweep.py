@@ -9,8 +9,8 @@
 - `on_multirun_start` (launching process): opens the tracking store and the experiment
   once, before any job (parallel jobs racing to create a fresh sqlite schema fail), and
   creates the RUNNING parent run, tagged with the sweep dir and overrides.
-- `on_job_start` (the job's process, also a joblib worker): tells `tracking.start_run`
-  through `$PIPELINE_SWEEP_JOB` to nest the job's run under the parent and to name it by
+- `on_job_start` (the job's process, also a joblib worker): tells the job's plan
+  (`pipeline.plan.sweep_job`) through `$PIPELINE_SWEEP_JOB` to nest the job's run under the parent and to name it by
   the job's swept overrides (`architecture=mlp optimizer.lr=0.001`).
 - `on_job_end` (the job's process): a job that failed before opening its run (e.g. a bad
   value in its overrides) still leaves a FAILED child with its `failure_reason`; a job
@@ -30,42 +30,28 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import cli, plan, tracking
 from pipeline.errors import one_line
-
-if TYPE_CHECKING:  # matplotlib costs ~0.8 s to import; every run loads this callback, only sweeps plot
-    from matplotlib.figure import Figure
+from pipeline.sweep_summary import Summary, metric_vs_params
 
 log = logging.getLogger(__name__)
 
-# How a sweep job's process learns its parent run and its name: JSON
-# {"parent_run_id", "run_name", "tags"}, set by on_job_start and read by `current_job`.
-JOB_ENV = "PIPELINE_SWEEP_JOB"
-# Metrics of a child that the summary shows besides the optimized one: the exported model's scores.
-SUMMARY_METRIC_PREFIXES = ("final_val_", "test_")
 # sqlite answers "database is locked" when another process holds its write lock for
 # longer than MLflow's busy timeout (20 s); the callback's own writes try again.
 LOCK_RETRIES = 5
 
 T = TypeVar("T")
-
-
-def current_job() -> dict[str, Any] | None:
-    """The sweep job running in this process (`parent_run_id`, `run_name`, `tags`), or
-    None outside a sweep. `tracking.start_run` nests the job's run with it."""
-    raw = os.environ.get(JOB_ENV)
-    return json.loads(raw) if raw else None
 
 
 class SweepRuns(Callback):
@@ -101,7 +87,6 @@ class SweepRuns(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipeline import cli, tracking
         from pipeline.errors import PipelineError
 
         overrides = list(config.hydra.overrides.task)
@@ -221,15 +206,15 @@ class SweepRuns(Callback):
         job = str(config.hydra.job.num)
         swept = [o for o in config.hydra.overrides.task if _key(o) in self.swept_keys]
         params = {_key(o): o.partition("=")[2] for o in swept}
-        os.environ[JOB_ENV] = json.dumps({
+        os.environ[plan.SWEEP_JOB_ENV] = json.dumps({
             "parent_run_id": self.parent_run_id,
             "run_name": " ".join(swept) or f"job {job}",
             "tags": {"sweep.job": job, "sweep.params": json.dumps(params)},
         })
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        job = current_job()
-        os.environ.pop(JOB_ENV, None)  # the next job in this process is not this one
+        job = plan.sweep_job()
+        os.environ.pop(plan.SWEEP_JOB_ENV, None)  # the next job in this process is not this one
         if self.parent_run_id is None or job is None:
             return
         reason = failure_of(job_return)
@@ -238,14 +223,14 @@ class SweepRuns(Callback):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.tracking_uri)
-        number = job["tags"]["sweep.job"]
+        number = job.tags["sweep.job"]
         runs = _retry(lambda: find_children(client, self.parent_run_id, f"tags.`sweep.job` = '{number}'"))
         child = runs[0] if runs else None
         if child is not None and child.info.status == "FAILED":
             return  # tracking.start_run recorded the reason already
         if child is None:  # failed before it opened its run: validation, data, model building
-            tags = {**job["tags"], "mlflow.parentRunId": self.parent_run_id}
-            child = _retry(lambda: client.create_run(self._job_experiment(client, config), run_name=job["run_name"],
+            tags = {**job.tags, "mlflow.parentRunId": self.parent_run_id}
+            child = _retry(lambda: client.create_run(self._job_experiment(client, config), run_name=job.run_name,
                                                      tags=tags))
             log_file = Path(str(config.hydra.runtime.output_dir)) / f"{config.hydra.job.name}.log"
             if log_file.is_file():
@@ -299,112 +284,6 @@ def find_children(client, parent_run_id: str, extra_filter: str = "") -> list:
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and {extra_filter}" if extra_filter else "")
     return client.search_runs(experiment_ids, query, max_results=10_000)
-
-
-class Summary:
-    """The rows of a sweep summary: one per child run, plus the failed rows and the best one."""
-
-    def __init__(self, rows: list[dict[str, Any]], params: list[str], metric: str, direction: str) -> None:
-        self.rows = rows
-        self.params = params
-        self.metric = metric
-        self.failed = [row for row in rows if row["status"] != "FINISHED"]
-        scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))]
-        pick = max if direction == "maximize" else min
-        self.best = pick(scored, key=lambda row: row[metric]) if scored else None
-
-    @classmethod
-    def of(cls, children: Sequence, metric: str, direction: str) -> Summary:
-        rows, params = [], []
-        for run in children:
-            swept = json.loads(run.data.tags.get("sweep.params", "{}"))
-            params += [key for key in swept if key not in params]
-            metrics = {k: v for k, v in run.data.metrics.items()
-                       if k == metric or k.startswith(SUMMARY_METRIC_PREFIXES)}
-            rows.append({
-                "job": int(run.data.tags.get("sweep.job", "0") or 0),
-                "run_name": run.info.run_name,
-                "run_id": run.info.run_id,
-                "status": run.info.status,
-                "failure_reason": run.data.tags.get("failure_reason", ""),
-                "registered_model": run.data.tags.get("registered_model", ""),
-                **{f"param {key}": value for key, value in swept.items()},
-                **{k: float(v) for k, v in sorted(metrics.items())},
-            })
-        return cls(rows, params, metric, direction)
-
-    def table(self) -> dict[str, list]:
-        """Column -> values, one value per child (MLflow's `log_table` format)."""
-        columns = list(dict.fromkeys(key for row in self.rows for key in row))
-        return {column: [row.get(column, None) for row in self.rows] for column in columns}
-
-    def headline(self) -> str:
-        best = (f"; best: {self.best['run_name']} ({self.metric} {self.best[self.metric]:.4g}, "
-                f"run {self.best['run_id']})" if self.best else "; no job finished with a finite " + self.metric)
-        return f"{len(self.rows)} jobs, {len(self.rows) - len(self.failed)} finished, {len(self.failed)} failed" + best
-
-    def markdown(self) -> str:
-        """The run description of the parent: the headline and one table row per child."""
-        metrics = [self.metric] + sorted({k for row in self.rows for k in row
-                                         if k.startswith(SUMMARY_METRIC_PREFIXES) and k != self.metric})
-        lines = [f"**Sweep**: {self.headline()}.", "",
-                 "| job | run | status | " + " | ".join(metrics) + " | failure |",
-                 "|---" * (4 + len(metrics)) + "|"]
-        for row in self.rows:
-            values = [f"{row[m]:.4g}" if m in row else "" for m in metrics]
-            reason = row["failure_reason"].replace("|", "/")[:200]
-            lines.append(f"| {row['job']} | {row['run_name']} | {row['status']} | " + " | ".join(values)
-                         + f" | {reason} |")
-        return "\n".join(lines)
-
-
-def metric_vs_params(rows: Sequence[Mapping[str, Any]], metric: str, params: Sequence[str]) -> Figure:
-    """The optimized metric of every finished child against each swept parameter.
-
-    Numeric parameters get a numeric axis (logarithmic when positive and spanning 100x or
-    more, as learning rates do); others one tick per value. Failed children are left out
-    and counted in the title.
-
-    Args:
-        rows: `Summary.rows`: `status`, `param <name>` (the override's value) and metrics.
-        metric: the y axis, e.g. `final_val_accuracy`.
-        params: the swept parameters, one axes each.
-
-    Returns:
-        A figure with one axes per parameter, built without pyplot (safe in any process).
-    """
-    if not params:
-        raise ValueError("params must name at least one swept parameter. Received: []")
-    scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))]
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.5 * len(params), 3.4), layout="constrained")
-    axes = figure.subplots(1, len(params), squeeze=False).ravel()
-    for ax, param in zip(axes, params):
-        points = [(row.get(f"param {param}"), row[metric]) for row in scored if f"param {param}" in row]
-        numbers = _as_numbers([x for x, _ in points])
-        if numbers is not None:
-            ax.scatter(numbers, [y for _, y in points], zorder=3)
-            if numbers and min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
-                ax.set_xscale("log")
-        else:
-            categories = list(dict.fromkeys(str(x) for x, _ in points))
-            ax.scatter([categories.index(str(x)) for x, _ in points], [y for _, y in points], zorder=3)
-            ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 3 else 0)
-            ax.set_xlim(-0.5, len(categories) - 0.5)
-        ax.set_xlabel(param)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    failed = len(rows) - len(scored)
-    figure.suptitle(f"{metric} per sweep job" + (f" ({failed} failed, not shown)" if failed else ""))
-    return figure
-
-
-def _as_numbers(values: Sequence[Any]) -> list[float] | None:
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError):
-        return None
 
 
 def _warn_if_parallel_on_sqlite(config: DictConfig, uri: str) -> None:

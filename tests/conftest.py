@@ -13,6 +13,7 @@ import keras
 import pytest
 
 from pipeline.config import compose as compose_config  # noqa: F401  (the real conf/, as the entry points compose it)
+from pipeline.plan import compose as compose_plan  # noqa: F401  (a run's plan, as python -m pipeline.train resolves it)
 
 REPO = Path(__file__).resolve().parents[1]
 

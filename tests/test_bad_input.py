@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from conftest import compose_config
+import yaml
+from conftest import REPO, compose_config
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import compose_config, run_module
+from conftest import compose_plan, run_module
 from mlflow.tracking import MlflowClient
 
 from pipeline.train import train
@@ -57,7 +57,7 @@ def test_evaluate_without_model_says_what_to_pass(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_config_reaches_target_accuracy(tfds_dir: str, mlflow_store: str) -> None:
-    metrics = train(compose_config([f"dataset.data_dir={tfds_dir}"]))
+    metrics = train(compose_plan([f"dataset.data_dir={tfds_dir}"]))
     assert metrics["test_accuracy"] >= 0.95
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
     assert run.data.tags["champion_promoted"] == "true"

@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, compose_plan
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -111,7 +111,7 @@ def test_one_device_changes_nothing() -> None:
 MIRRORED = textwrap.dedent(
     """
     import json, sys
-    from pipeline.config import compose
+    from pipeline.plan import compose
     from pipeline.train import train
     from pipeline import distribute
     metrics = train(compose(sys.argv[1:]))
@@ -141,7 +141,7 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tfds_dir: str, mlflow
     mirrored = json.loads(result.stdout.strip().splitlines()[-1])
     assert mirrored["replicas"] == 2
     assert mirrored["synchronized"] and mirrored["all_synchronized"]
-    single = train(compose_config([*common, "mlflow.run_name=single"]))
+    single = train(compose_plan([*common, "mlflow.run_name=single"]))
 
     client = MlflowClient()
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("digits").experiment_id])}

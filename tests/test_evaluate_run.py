@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import compose_config, compose_plan
 from mlflow.tracking import MlflowClient
 
 from pipeline.evaluate import evaluate, log_evaluation_run, model_reference
@@ -26,7 +26,7 @@ def trained(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.chdir(tmp)
     try:
-        train(compose_config(["trainer.epochs=1", f"dataset.data_dir={tfds_dir}"]))
+        train(compose_plan(["trainer.epochs=1", f"dataset.data_dir={tfds_dir}"]))
         mlflow.set_tracking_uri(uri)
         yield uri, tmp
     finally:

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compose_config, run_module
+from conftest import compose_plan, run_module
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import DivergenceError
@@ -56,7 +56,7 @@ def test_injected_nan_is_caught_at_its_step_and_never_applied(
     # Step 50 is batch 9 of epoch 1 (41 batches per epoch); with 8 steps per execution
     # it sits mid-execution, and must still be the step that is named.
     with pytest.raises(DivergenceError) as error:
-        train(compose_config([f"dataset.data_dir={tfds_dir}", *FAST, "dataset.inject_nan_at_step=50",
+        train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, "dataset.inject_nan_at_step=50",
                               f"trainer.steps_per_execution={steps_per_execution}"]))
     assert str(error.value) == ("non-finite output in layer 'rescale' at step 50 (epoch 1): "
                                 "the input batch holds 1 non-finite value(s)")
@@ -78,7 +78,7 @@ def test_injected_nan_is_caught_at_its_step_and_never_applied(
 
 
 def test_skip_drops_the_bad_step_counts_it_and_finishes(tfds_dir: str, mlflow_store: str) -> None:
-    metrics = train(compose_config([f"dataset.data_dir={tfds_dir}", *FAST, "dataset.inject_nan_at_step=50",
+    metrics = train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, "dataset.inject_nan_at_step=50",
                                     "callbacks.grad_norm.action=skip"]))
     client = MlflowClient()
     run = only_run(client)
@@ -90,7 +90,7 @@ def test_skip_drops_the_bad_step_counts_it_and_finishes(tfds_dir: str, mlflow_st
 
 
 def test_rollback_recovers_from_an_injected_spike(tfds_dir: str, mlflow_store: str) -> None:
-    metrics = train(compose_config([
+    metrics = train(compose_plan([
         f"dataset.data_dir={tfds_dir}", *FAST, "dataset.inject_nan_at_step=50",
         "callbacks.grad_norm.action=rollback", "callbacks.grad_norm.rollback_skip_batches=5",
     ]))
@@ -111,7 +111,7 @@ def test_rollback_recovers_from_an_injected_spike(tfds_dir: str, mlflow_store: s
 def test_rollback_gives_up_after_max_rollbacks(tfds_dir: str, mlflow_store: str) -> None:
     # Every step's norm is above a threshold of 1e-6: each rollback meets another spike.
     with pytest.raises(DivergenceError, match=r"gave up after 2 rollbacks within 1000 steps"):
-        train(compose_config([
+        train(compose_plan([
             f"dataset.data_dir={tfds_dir}", *FAST, "callbacks.grad_norm.threshold=1e-6",
             "callbacks.grad_norm.action=rollback", "callbacks.grad_norm.max_rollbacks=2",
             "callbacks.grad_norm.rollback_skip_batches=1", "callbacks.checkpoint.every_n_steps=1",
@@ -123,13 +123,13 @@ def test_rollback_gives_up_after_max_rollbacks(tfds_dir: str, mlflow_store: str)
 
 def test_threshold_stop_names_the_largest_layer(tfds_dir: str, mlflow_store: str) -> None:
     with pytest.raises(DivergenceError) as error:
-        train(compose_config([f"dataset.data_dir={tfds_dir}", *FAST, "callbacks.grad_norm.threshold=1e-3"]))
+        train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, "callbacks.grad_norm.threshold=1e-3"]))
     assert re.fullmatch(r"gradient norm [\d.e+-]+ above callbacks.grad_norm.threshold=0.001 at step 0 \(epoch 0\); "
                         r"largest in layer '\w+' \([\d.e+-]+\)", str(error.value)), str(error.value)
 
 
 def test_warn_applies_spikes_and_logs_per_layer_norms(tfds_dir: str, mlflow_store: str) -> None:
-    train(compose_config([f"dataset.data_dir={tfds_dir}", *FAST, "callbacks.grad_norm.threshold=1e-3",
+    train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, "callbacks.grad_norm.threshold=1e-3",
                           "callbacks.grad_norm.action=warn", "callbacks.grad_norm.log_every_n_steps=10"]))
     client = MlflowClient()
     run = only_run(client)
@@ -226,7 +226,7 @@ def test_sigterm_saves_marks_killed_and_resume_last_finishes(tfds_dir: str, tmp_
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     tfds_dir: str, mlflow_store: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    train(compose_config([f"dataset.data_dir={tfds_dir}", *FAST, "trainer.epochs=2"]))
+    train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, "trainer.epochs=2"]))
     client = MlflowClient()
     run = only_run(client)
     directory = Path(run.data.tags["checkpoint_dir"])
@@ -235,7 +235,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     data_file = max(directory.glob(f"{Path(latest).name}.data-*"), key=lambda path: path.stat().st_size)
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # truncated mid-write
 
-    train(compose_config([f"resume={run.info.run_id}", "trainer.epochs=3"]))
+    train(compose_plan([f"resume={run.info.run_id}", "trainer.epochs=3"]))
     assert f"checkpoint {latest} is unreadable" in caplog.text
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compose_config
+from conftest import compose_config, compose_plan
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -176,11 +176,12 @@ def test_plots_of_a_real_training_run(tfds_dir: str, mlflow_store: str, tmp_path
 
     from pipeline.train import train
 
-    cfg = compose_config(["trainer.epochs=2", f"dataset.data_dir={tfds_dir}", "mlflow.log_model=false",
-                          "callbacks.grad_norm.log_every_n_steps=10", "callbacks.checkpoint=null",
-                          "+callbacks.capture._target_=conftest.ModelCapture"])
+    run_plan = compose_plan(["trainer.epochs=2", f"dataset.data_dir={tfds_dir}", "mlflow.log_model=false",
+                             "callbacks.grad_norm.log_every_n_steps=10", "callbacks.checkpoint=null",
+                             "+callbacks.capture._target_=conftest.ModelCapture"])
+    cfg = run_plan.cfg
     ModelCapture.models.clear()
-    train(cfg)
+    train(run_plan)
     guarded = ModelCapture.models[-1]
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
     assert len(MlflowClient().get_metric_history(run.info.run_id, "grad_norm")) >= 5

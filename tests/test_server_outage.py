@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compose_config
+from conftest import compose_plan
 from mlflow_server import MlflowServer, start_mlflow_server
 
 from pipeline.errors import PipelineError
@@ -35,7 +35,7 @@ def test_training_survives_the_server_going_away(tfds_dir: str, tmp_path: Path,
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # give up on the dead server at once
     try:
         with pytest.raises(PipelineError) as error:
-            train(compose_config([
+            train(compose_plan([
                 f"dataset.data_dir={tfds_dir}", "trainer.epochs=4", "trainer.verbose=0",
                 f"mlflow.tracking_uri={server.url}", f"callbacks.checkpoint.directory={tmp_path / 'checkpoints'}",
                 "+callbacks.outage._target_=test_server_outage.StopServerAfterEpoch",

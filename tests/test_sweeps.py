@@ -14,11 +14,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO, compose_config, run_module
+from conftest import REPO, compose_config, compose_plan, run_module
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from pipeline import sweep
+from pipeline import sweep, sweep_summary
 from pipeline.config import validate
 
 # Every job of these sweeps trains one epoch, silently, on the session's digits.
@@ -108,15 +108,15 @@ def test_summary_picks_the_best_finished_child_and_lists_failures() -> None:
         {"job": 2, "run_name": "optimizer.lr=1e12", "run_id": "c", "status": "FAILED",
          "failure_reason": "DivergenceError: non-finite loss", "param optimizer.lr": "1e12"},
     ]
-    summary = sweep.Summary(rows, ["optimizer.lr"], "final_val_loss", "minimize")
+    summary = sweep_summary.Summary(rows, ["optimizer.lr"], "final_val_loss", "minimize")
     assert summary.best["run_id"] == "b"
     assert [row["run_id"] for row in summary.failed] == ["c"]
     assert summary.headline().startswith("3 jobs, 2 finished, 1 failed; best: optimizer.lr=0.001")
     assert "| 2 | optimizer.lr=1e12 | FAILED |  | DivergenceError: non-finite loss |" in summary.markdown()
     assert summary.table()["final_val_loss"] == [0.5, 0.2, None]
-    assert sweep.Summary(rows, [], "final_val_loss", "maximize").best["run_id"] == "a"
+    assert sweep_summary.Summary(rows, [], "final_val_loss", "maximize").best["run_id"] == "a"
 
-    figure = sweep.metric_vs_params(rows + [{**rows[0], "param architecture": "mlp"}], "final_val_loss",
+    figure = sweep_summary.metric_vs_params(rows + [{**rows[0], "param architecture": "mlp"}], "final_val_loss",
                                     ["optimizer.lr", "architecture"])
     assert isinstance(figure, Figure)
     lr_axes, architecture_axes = figure.axes
@@ -265,7 +265,7 @@ def test_every_experiment_preset_in_smoke_mode(tfds_dir: str, tmp_path: Path) ->
 def test_overfit_mode_drives_the_loss_to_zero(tfds_dir: str, mlflow_store: str) -> None:
     from pipeline.train import train
 
-    metrics = train(compose_config(["debug=overfit", f"dataset.data_dir={tfds_dir}", "trainer.verbose=0"]))
+    metrics = train(compose_plan(["debug=overfit", f"dataset.data_dir={tfds_dir}", "trainer.verbose=0"]))
     assert metrics["train_loss"] < 0.01 and metrics["final_val_accuracy"] == 1.0, metrics
 
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])

@@ -12,10 +12,10 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import SCORE_DIGITS, ModelCapture, compose_config, reload_without_project
+from conftest import SCORE_DIGITS, ModelCapture, compose_plan, reload_without_project
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import promote_if_better
+from pipeline.registry import promote_if_better
 from pipeline.train import train
 
 
@@ -28,13 +28,13 @@ def trained(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.chdir(tmp)
     try:
-        cfg = compose_config([
+        run_plan = compose_plan([
             "trainer.epochs=2",
             f"dataset.data_dir={tfds_dir}",
             "+callbacks.capture._target_=conftest.ModelCapture",
         ])
         ModelCapture.models.clear()
-        metrics = train(cfg)
+        metrics = train(run_plan)
         mlflow.set_tracking_uri(uri)
         (run,) = MlflowClient().search_runs(
             [mlflow.get_experiment_by_name("digits").experiment_id]
@@ -129,13 +129,13 @@ def test_registered_model_reloads_without_project_code(trained) -> None:
 
 
 def test_failed_training_marks_the_run_failed_with_reason(tfds_dir: str, mlflow_store: str) -> None:
-    cfg = compose_config([
+    run_plan = compose_plan([
         "trainer.epochs=2",
         f"dataset.data_dir={tfds_dir}",
         "+callbacks.crash._target_=conftest.FailAtEpochEnd",
     ])
     with pytest.raises(RuntimeError, match="injected failure after epoch 0"):
-        train(cfg)
+        train(run_plan)
     assert mlflow.active_run() is None, "no run may stay active for the next job"
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
     assert run.info.status == "FAILED"
@@ -165,8 +165,7 @@ def test_champion_mode_min_prefers_lower(mlflow_store: str) -> None:
 
 
 def test_mixed_float16_trains_with_loss_scaling_and_exports_float32(tfds_dir: str, mlflow_store: str) -> None:
-    cfg = compose_config(["precision=mixed_fp16", "trainer.epochs=1", f"dataset.data_dir={tfds_dir}"])
-    metrics = train(cfg)
+    metrics = train(compose_plan(["precision=mixed_fp16", "trainer.epochs=1", f"dataset.data_dir={tfds_dir}"]))
     assert all(np.isfinite(v) for v in metrics.values())
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
     assert run.data.tags["precision"] == "mixed_float16"

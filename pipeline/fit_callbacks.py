@@ -1,0 +1,121 @@
+"""The callbacks of one `fit`, wired in one place: which are configured, what each needs
+from the run, and the order Keras calls them in.
+
+    callbacks = FitCallbacks.from_plan(plan)             # before TensorFlow builds anything
+    initial_epoch = callbacks.restore(plan, guarded, splits.steps_per_epoch)   # resume only
+    ... open the MLflow run ...
+    with callbacks.running(strategy):
+        guarded.fit(..., callbacks=callbacks.attach(plan, run_id, guarded, splits))
+
+The guard (`callbacks.grad_norm`) acts on a bad step before anything else sees the
+epoch; the epoch logger follows the configured callbacks; the checkpoint comes last,
+once the epoch is logged and early stopping updated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import keras
+from omegaconf import DictConfig
+
+from callbacks.checkpoint import Checkpointing
+from callbacks.grad_norm import GradNormGuard
+from callbacks.mlflow_logger import MLflowEpochLogger
+from pipeline import distribute
+from pipeline.errors import ConfigError
+from pipeline.guarded import GuardedModel, TrainProgress
+from pipeline.plan import RunPlan
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
+    """The configured callbacks (`cfg.callbacks`), in config order; a bad value is a config error."""
+    callbacks = []
+    for name, callback in cfg.callbacks.items():
+        if callback is None:
+            continue
+        try:
+            callbacks.append(hydra.utils.instantiate(callback))
+        except Exception as error:  # Hydra wraps the callback's own ValueError
+            cause = error.__cause__ or error
+            message = str(cause) if str(cause).startswith(f"callbacks.{name}") else f"callbacks.{name}: {cause}"
+            raise ConfigError(message) from None
+    return callbacks
+
+
+@dataclass
+class FitCallbacks:
+    """The configured callbacks, with the two that the run wires by hand picked out.
+
+    Args:
+        configured: every configured callback, in config order.
+        guard: the gradient-norm and finite-value guard, if configured.
+        checkpointing: the checkpoint callback, if configured.
+    """
+
+    configured: list[keras.callbacks.Callback]
+    guard: GradNormGuard | None = None
+    checkpointing: Checkpointing | None = None
+    epoch_logger: MLflowEpochLogger | None = field(default=None, init=False)
+
+    @classmethod
+    def from_plan(cls, plan: RunPlan) -> FitCallbacks:
+        configured = instantiate_callbacks(plan.cfg)
+        guard = next((c for c in configured if isinstance(c, GradNormGuard)), None)
+        checkpointing = next((c for c in configured if isinstance(c, Checkpointing)), None)
+        if guard is not None and guard.action == "rollback" and checkpointing is None:
+            raise ConfigError("callbacks.grad_norm.action=rollback needs checkpoints to roll back to: "
+                              "keep callbacks.checkpoint. Received: callbacks.checkpoint=null")
+        return cls(configured, guard, checkpointing)
+
+    def restore(self, plan: RunPlan, guarded: GuardedModel, steps_per_epoch: int) -> int:
+        """On a resume, open the run's checkpoints and restore the newest; return the
+        epoch `fit` starts at (0 for a new run). Called before the run reopens, so
+        unreadable checkpoints leave it as it was."""
+        if plan.resume is None or self.checkpointing is None:
+            return 0
+        self._open_checkpoints(plan, plan.resume.checkpoint_dir, guarded)
+        position = self.checkpointing.restore_latest()
+        if position is None:
+            return 0
+        epoch, batch = position
+        if batch >= steps_per_epoch:  # saved at an epoch's end
+            return epoch + 1
+        guarded.train_state.re_enter_epoch()
+        return epoch
+
+    def attach(self, plan: RunPlan, run_id: str, guarded: GuardedModel, splits) -> list[keras.callbacks.Callback]:
+        """Wire the callbacks to the open run `run_id`; return them in the order `fit` calls them."""
+        if self.checkpointing is not None and plan.resume is None:
+            self._open_checkpoints(plan, plan.checkpoint_dir(run_id), guarded)
+        if self.guard is not None:
+            self.guard.batch_at = splits.train_batch  # the diagnosis re-runs the offending batch
+            self.guard.restore_last_checkpoint = self.checkpointing.restore_for_rollback if self.checkpointing else None
+        self.epoch_logger = MLflowEpochLogger(run_id, offline_file=plan.output_dir / "offline-metrics.jsonl")
+        ordered = [TrainProgress(), *(c for c in self.configured if c is not self.checkpointing), self.epoch_logger]
+        return ordered + ([self.checkpointing] if self.checkpointing is not None else [])
+
+    @contextlib.contextmanager
+    def running(self, strategy) -> Iterator[None]:
+        """Around `fit`: a lost multi-worker peer becomes one line saying how to resume;
+        whatever happens, the last epochs reach the store (or the offline file) and the
+        checkpoint writer finishes."""
+        try:
+            yield
+        except Exception as error:
+            explained = distribute.explained(error, strategy)
+            if explained is error:
+                raise
+            raise explained from error
+        finally:
+            if self.epoch_logger is not None:
+                self.epoch_logger.wait()
+            if self.checkpointing is not None:
+                self.checkpointing.close()
+
+    def _open_checkpoints(self, plan: RunPlan, directory: Path, guarded: GuardedModel) -> None:
+        self.checkpointing.open(directory, guarded, self.configured, plan.scratch_checkpoint_dir(directory))

@@ -1,0 +1,306 @@
+"""The plan of one training run, resolved once at the entry point before TensorFlow starts.
+
+`python -m pipeline.train` turns Hydra's config and its own globals (group choices,
+overrides, the job's output directory and log) into a frozen `RunPlan`, then hands it to
+`train(plan)`. Below the entry point nothing reads Hydra's globals, and nothing changes
+the config: everything a run depends on is in its plan.
+
+    plan = compose(["trainer.epochs=2"])     # tests, benchmarks, notebooks: as the CLI would
+    metrics = train(plan)
+
+Resolving a plan also recovers what the run continues: `resume=RUN_ID|last` reopens an
+unfinished run with the config it recorded, `reproduce=RUN_ID` trains a recorded config
+again as a new run. And it decides the process's role under `distribution=multi_worker`:
+only the chief records to MLflow.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline import distribute
+from pipeline.config import validate
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# How a sweep job's process learns its parent run and its name: JSON
+# {"parent_run_id", "run_name", "tags"}, set by `pipeline.sweep.SweepRuns.on_job_start`.
+SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
+
+# What a resume or reproduction may change: which run, where the store is, determinism,
+# how it is distributed (e.g. resume a multi-worker run on one device) and (a resume,
+# only upwards) the epochs.
+KEPT_CONFIG_OVERRIDES = ("resume=", "reproduce=", "trainer.epochs=", "mlflow.tracking_uri=",
+                         "mlflow.experiment_name=", "determinism=", "distribution=", "distribution.", "hydra.")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The unfinished run a plan continues, and where its checkpoints are.
+
+    `run_id` is None on a non-chief worker: it trains from the chief's checkpoints but
+    records into a throwaway store, so it opens a run of its own there."""
+
+    run_id: str | None
+    checkpoint_dir: Path
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """This job's place in a Hydra sweep: its run is a child of `parent_run_id`, named
+    by the job's swept overrides (e.g. `architecture=mlp optimizer.lr=0.001`)."""
+
+    parent_run_id: str
+    run_name: str
+    tags: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything one training run depends on, fixed before it starts.
+
+    Args:
+        cfg: the effective config, read-only: the composed one, or the one a resumed or
+            reproduced run recorded (with this invocation's store and epochs).
+        choices: the option chosen in each config group, e.g. {"architecture": "mlp"}.
+        overrides: the command line's overrides, as typed.
+        output_dir: the job's output directory (Hydra's `outputs/DATE/TIME/`), else the
+            launch directory.
+        log_file: Hydra's log of this job, attached to the run; None outside Hydra.
+        resume: the run this one continues, or None for a new run.
+        reproduces: the id of the run whose recorded config this one trains again.
+        task: `local`, or this process's task in a multi-worker cluster (`worker-1`).
+        is_chief: whether this process records the run (MLflow, export, registry).
+        sweep: the sweep this run is a job of, or None.
+    """
+
+    cfg: DictConfig
+    choices: Mapping[str, str] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+    output_dir: Path = field(default_factory=Path.cwd)
+    log_file: Path | None = None
+    resume: Resume | None = None
+    reproduces: str | None = None
+    task: str = "local"
+    is_chief: bool = True
+    sweep: SweepJob | None = None
+
+    @property
+    def architecture(self) -> str:
+        """The architecture's name: its group choice (`mlp`), else its builder's module."""
+        return self.choices.get("architecture") or str(self.cfg.architecture._target_).split(".")[-2]
+
+    def choice(self, group: str) -> str:
+        """The option chosen in `group`, else the `_target_` it selected (for messages)."""
+        return self.choices.get(group) or str(self.cfg[group]._target_)
+
+    def checkpoint_dir(self, run_id: str) -> Path:
+        """Where this run's checkpoints go: the resumed run's, `callbacks.checkpoint.directory`,
+        else `checkpoints/` in the job's output directory, else (no Hydra job, e.g. a
+        notebook) `./checkpoints/<run id>`, so that runs in one directory stay apart."""
+        if self.resume is not None:
+            return self.resume.checkpoint_dir
+        configured = (self.cfg.callbacks.get("checkpoint") or {}).get("directory")
+        if configured:
+            return Path(configured).absolute()
+        if self.log_file is not None:
+            return self.output_dir / "checkpoints"
+        return self.output_dir / "checkpoints" / run_id
+
+    def scratch_checkpoint_dir(self, directory: Path) -> Path | None:
+        """None on the chief (it writes to `directory`); on another worker, a temporary
+        sibling it writes each checkpoint to and then deletes (TensorFlow's multi-worker
+        guidance: every worker saves, since a save may involve collectives; only the
+        chief's copy is kept)."""
+        return None if self.is_chief else directory.parent / f".{directory.name}-{self.task}-tmp"
+
+
+def from_hydra(cfg: DictConfig) -> RunPlan:
+    """The plan of the job Hydra is running: the one place that reads Hydra's globals."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return resolve(cfg)
+    return _from_hydra_node(cfg, HydraConfig.get())
+
+
+def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) -> RunPlan:
+    """Compose `conf/train.yaml` with `overrides` as `python -m pipeline.train` would, and
+    resolve its plan (for tests, benchmarks and notebooks; runs go to the current store)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    hydra_node = cfg.hydra
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=list(hydra_node.overrides.task),
+                   output_dir=output_dir)
+
+
+def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
+    runtime = hydra_node.runtime
+    output_dir = log_file = None
+    if not OmegaConf.is_missing(runtime, "output_dir"):  # composed, not run, by Hydra
+        output_dir = Path(runtime.output_dir).absolute()
+        log_file = output_dir / f"{hydra_node.job.name}.log"
+    return resolve(cfg, choices=dict(runtime.choices), overrides=list(hydra_node.overrides.task),
+                   output_dir=output_dir, log_file=log_file, sweep=sweep_job())
+
+
+def sweep_job() -> SweepJob | None:
+    """The sweep job this process runs (set by `pipeline.sweep.SweepRuns.on_job_start`),
+    or None outside a sweep."""
+    import json
+
+    raw = os.environ.get(SWEEP_JOB_ENV)
+    if not raw:
+        return None
+    job = json.loads(raw)
+    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"])
+
+
+def resolve(
+    cfg: DictConfig,
+    *,
+    choices: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+    output_dir: Path | None = None,
+    log_file: Path | None = None,
+    sweep: SweepJob | None = None,
+) -> RunPlan:
+    """Validate `cfg`, recover what it resumes or reproduces, decide the process's role,
+    and freeze the result. `cfg` itself is left as it was.
+
+    Raises:
+        ConfigError: a bad value, or a resume/reproduction that cannot be done.
+    """
+    validate(cfg)  # before any TensorFlow work: a typo costs a second, not a training run
+    cfg = copy.deepcopy(cfg)
+    choices = dict(choices or {})
+    resume, reproduces = None, None
+    if cfg.resume:
+        resume, cfg, architecture = _resumed(cfg, overrides)
+    elif cfg.reproduce:
+        reproduces = str(cfg.reproduce)
+        cfg, architecture = _reproduced(cfg, overrides)
+    if resume is not None or reproduces is not None:
+        choices["architecture"] = architecture or choices.get("architecture", "")
+        validate(cfg)  # the recorded config, against today's code
+    task, is_chief = distribute.role(cfg.get("distribution"))
+    if not is_chief:
+        cfg, resume = _record_nothing(cfg, resume, task)
+    OmegaConf.set_readonly(cfg, True)
+    return RunPlan(cfg=cfg, choices=choices, overrides=tuple(overrides),
+                   output_dir=(output_dir or Path.cwd()).absolute(), log_file=log_file, resume=resume,
+                   reproduces=reproduces, task=task, is_chief=is_chief, sweep=sweep)
+
+
+def _record_nothing(cfg: DictConfig, resume: Resume | None, task: str) -> tuple[DictConfig, Resume | None]:
+    """A non-chief worker's config: MLflow pointed at a throwaway store (deleted at exit),
+    no model export, and a resume that opens a new (throwaway) run instead of the chief's.
+
+    Every worker runs the same training code, so they all take part in the same
+    collectives (fit, evaluation, the confusion matrix's predictions); only the chief's
+    MLflow calls reach the real store, so a cluster makes exactly one run.
+    """
+    scratch = tempfile.mkdtemp(prefix=f"mlflow-{task}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    cfg.mlflow.tracking_uri = f"sqlite:///{scratch}/discarded.db"
+    cfg.mlflow.log_model = False
+    log.info("%s: not the chief, so nothing goes to MLflow (throwaway store %s)", task, scratch)
+    return cfg, None if resume is None else dataclasses.replace(resume, run_id=None)
+
+
+# -- recovery of a recorded run: needs the tracking store, not TensorFlow ----------------
+def _resumed(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Resume, DictConfig, str]:
+    """The run `cfg.resume` names (a run id, or `last`: the newest unfinished run with
+    checkpoints in `cfg.mlflow.experiment_name`), the config it recorded, and its
+    architecture. Only `trainer.epochs` may differ from the recorded config, and only upwards.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    _refuse_changes(f"resume={cfg.resume}", "a resumed run keeps its recorded config; only trainer.epochs may "
+                    "be raised", overrides)
+    experiment_id = tracking.connect(cfg.mlflow)
+    if cfg.resume == "last":
+        runs = MlflowClient().search_runs([experiment_id],
+                                          "attributes.status != 'FINISHED' and tags.checkpoint_dir != ''",
+                                          order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise ConfigError(f"resume=last: no unfinished run with checkpoints in experiment "
+                              f"{cfg.mlflow.experiment_name!r} at {mlflow.get_tracking_uri()}")
+        run = runs[0]
+    else:
+        run = _get_run("resume", cfg.resume)
+    run_id = run.info.run_id
+    checkpoint_dir = run.data.tags.get("checkpoint_dir")
+    if not checkpoint_dir:
+        raise ConfigError(f"resume={cfg.resume}: run {run_id} saved no checkpoints (callbacks.checkpoint was off)")
+    recorded = _recorded_config("resume", cfg, run_id)
+    if any(o.startswith("trainer.epochs=") for o in overrides):
+        if cfg.trainer.epochs < recorded.trainer.epochs:
+            raise ConfigError(f"resume={cfg.resume}: trainer.epochs may only be raised (the run was configured "
+                              f"for {recorded.trainer.epochs}). Received: {cfg.trainer.epochs}")
+        recorded.trainer.epochs = cfg.trainer.epochs
+    return Resume(run_id, Path(checkpoint_dir)), recorded, run.data.tags.get("architecture", "")
+
+
+def _reproduced(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str]:
+    """The config run `cfg.reproduce` recorded, to train again as a new run; and that
+    run's architecture name."""
+    from pipeline import tracking
+
+    _refuse_changes(f"reproduce={cfg.reproduce}", "a reproduction uses the run's recorded config", overrides)
+    tracking.connect(cfg.mlflow)
+    run = _get_run("reproduce", cfg.reproduce)
+    return _recorded_config("reproduce", cfg, run.info.run_id), run.data.tags.get("architecture", "")
+
+
+def _refuse_changes(what: str, why: str, overrides: Sequence[str]) -> None:
+    changed = [o for o in overrides if not o.lstrip("+~").startswith(KEPT_CONFIG_OVERRIDES)]
+    if changed:
+        raise ConfigError(f"{what}: {why}. Received: {' '.join(changed)}")
+
+
+def _get_run(key: str, run_id: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_run(str(run_id))
+    except Exception:  # unknown id, malformed id: MLflow raises several types
+        raise ConfigError(f"{key}: no run {run_id!r} in the tracking store at {mlflow.get_tracking_uri()}") from None
+
+
+def _recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:
+    """`config.yaml` of run `run_id`, with this invocation's store, determinism and distribution."""
+    import mlflow
+
+    try:
+        recorded = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    except Exception as error:
+        raise ConfigError(f"{key}={cfg[key]}: cannot read the config run {run_id} recorded: {error}") from None
+    recorded.resume = None
+    recorded.reproduce = None
+    recorded.determinism = cfg.determinism
+    recorded.mlflow.tracking_uri = cfg.mlflow.tracking_uri
+    if cfg.get("distribution") is not None:  # how to run it, not what to train: this invocation's
+        recorded.distribution = cfg.distribution
+    return recorded

@@ -1,0 +1,111 @@
+"""What a training run records in MLflow around its `fit`: how the run is opened and
+named, what it logs before training, and the result after it (final scores, plots, the
+`.keras` file, the SavedModel and its registration), with a fallback that keeps the
+trained model on disk when the store goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+
+import keras
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from callbacks.mlflow_logger import metric_key
+from pipeline import debug, provenance, registry, report, tracking
+from pipeline.errors import PipelineError, one_line
+from pipeline.fit_callbacks import FitCallbacks
+from pipeline.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def opened_run(plan: RunPlan, policy: str) -> Iterator[mlflow.ActiveRun]:
+    """Open the plan's run (a new one, the resumed one, or a sweep's child), and close it
+    with its outcome (`tracking.start_run`). `policy` is the resolved dtype policy."""
+    experiment_id = tracking.connect(plan.cfg.mlflow)
+    names = tracking.RunNames.from_config(plan.cfg, plan.choices, policy)
+    run_name, tags = names.run, names.tags | provenance.provenance_tags(list(plan.overrides))
+    if plan.sweep is not None:  # a job of a Hydra sweep: named by its swept overrides
+        run_name, tags = plan.sweep.run_name, tags | dict(plan.sweep.tags)
+    with tracking.start_run(experiment_id, run_name, tags, log_file=plan.log_file,
+                            run_id=plan.resume.run_id if plan.resume else None,
+                            parent_run_id=plan.sweep.parent_run_id if plan.sweep else None,
+                            log_system_metrics=provenance.enable_system_metrics()) as run:
+        yield run
+
+
+def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: str, checkpoints: bool) -> None:
+    """What the run records before training: the config, data and model of a new run;
+    that it was resumed, and with how many epochs, for a resumed one."""
+    cfg = plan.cfg
+    mlflow.set_tags(debug.tags(cfg))  # a debug run says so: it never passes for a real one
+    if plan.reproduces is not None:
+        mlflow.set_tag("reproduces", plan.reproduces)
+    if plan.resume is not None:
+        mlflow.set_tag("resumed_with_epochs", str(cfg.trainer.epochs))
+        return
+    tracking.log_config(cfg, list(plan.overrides))
+    mlflow.log_param("precision.resolved_policy", policy)
+    tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
+    provenance.log_dataset_input(cfg.dataset.name, str(splits.info.version), splits.sizes,
+                                 data_dir=splits.info.data_dir)
+    tracking.log_model_summary(model)
+    if checkpoints:
+        mlflow.set_tag("checkpoint_dir", str(plan.checkpoint_dir(run_id)))
+
+
+def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, splits,
+           callbacks: FitCallbacks) -> dict[str, float]:
+    """Score the model as it will be exported, log that, the plots, the `.keras` file and
+    the SavedModel, and register it. If the store fails here, keep the model on disk
+    and say where everything is.
+
+    Returns:
+        `train_*` and `val_*` of the last epoch; `final_val_*` and `test_*` of the model
+        as exported (e.g. the best epoch's weights under early stopping).
+    """
+    cfg, model = plan.cfg, guarded.model
+    # Callbacks such as early stopping may have restored an earlier epoch's weights, so
+    # the last epoch's logs do not describe the exported model: score it again.
+    final = {f"test_{k}": float(v) for k, v in guarded.evaluate(splits.test, return_dict=True, verbose=0).items()}
+    if splits.val is not None:
+        final |= {f"final_val_{k}": float(v)
+                  for k, v in guarded.evaluate(splits.val, return_dict=True, verbose=0).items()}
+    log.info("final: %s", {k: round(v, 4) for k, v in sorted(final.items())})
+    metrics = {metric_key(k): float(v[-1]) for k, v in history.history.items()} | final
+    epoch_logger, checkpointing, guard = callbacks.epoch_logger, callbacks.checkpointing, callbacks.guard
+    try:
+        if epoch_logger.first_failure is not None:
+            raise ConnectionError(f"unreachable since {epoch_logger.first_failure}")
+        mlflow.log_metrics(final, step=initial_epoch + len(history.epoch))
+        # Plots never fail a run: each failure is a warning naming the plot.
+        curves = history.history if plan.resume is None else logged_history(run_id, history.history)
+        report.log_training_plots(curves, model, guarded.optimizer, splits.steps_per_epoch * cfg.trainer.epochs,
+                                  splits.test, splits.input_spec, run_id, guard.threshold if guard else None)
+        report.log_keras_model(model)  # for pipeline.inspect: layers survive in .keras, not in a SavedModel
+        if cfg.mlflow.log_model:
+            name = tracking.registered_model_name(cfg, plan.architecture)
+            model_info = registry.log_saved_model(model, splits.input_spec, name)
+            registry.register_champion(cfg.mlflow, name, model_info, metrics)
+    except Exception as error:  # the store went away: keep what training produced
+        saved = plan.output_dir / "model.keras"
+        model.save(saved)
+        raise PipelineError(
+            f"training finished but MLflow could not record it ({one_line(error)}). "
+            f"Kept: the model in {saved}, per-epoch metrics in {epoch_logger.offline_file}"
+            + (f", checkpoints in {checkpointing.directory}" if checkpointing else "")
+        ) from error
+    return metrics
+
+
+def logged_history(run_id: str, keras_history: Mapping[str, list[float]]) -> dict[str, list[float]]:
+    """A resumed run's whole per-epoch history (Keras' covers only this process's epochs)."""
+    client = MlflowClient()
+    return {name: [m.value for m in sorted(client.get_metric_history(run_id, metric_key(name)), key=lambda m: m.step)]
+            for name in keras_history}
+
