@@ -1,7 +1,8 @@
 """Bad configs and inputs: each ends in exactly one readable line and a non-zero exit.
 
 The table runs the real entry point (`pipeline.train.cli_main`: Hydra composition, our
-validation, data loading, tracking, resume) in-process, with the user's argv; a few
+validation, data loading, tracking, resume) in-process, with the user's argv, and has
+at least one case for every config group in conf/ (checked by a test of its own); a few
 cases also run as separate processes in tests/test_cli.py and test_fault_tolerance.py.
 Cases that need an existing run share one short training.
 """
@@ -67,7 +68,14 @@ BAD_INPUTS = [
     (["distribution=multi_worker", "distribution.timeout_seconds=0"], 2,
      "distribution.timeout_seconds must be > 0. Received: 0.0"),
     (["distribution=multi_worker"], 2, "distribution=multi_worker needs TF_CONFIG"),  # no TF_CONFIG in the env
+    (["debug=limit", "debug.limit_fraction=0"], 2, "debug.limit_fraction must be in (0, 1] or null. Received: 0.0"),
+    (["experiment=no_such_recipe"], 2, "Could not find 'experiment/no_such_recipe'"),
+    (["hparams_search=grid"], 2, "Could not find 'hparams_search/grid'"),
 ]
+
+# The groups a user picks options from: conf/'s folders, but for hydra/ (Hydra's own launcher presets).
+CONFIG_GROUPS = sorted(p.name for p in (REPO / "conf").iterdir()
+                       if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -105,7 +113,16 @@ def test_bad_input_is_one_line(argv, exit_code, message, workdir: Path, tfds_dir
     assert code == exit_code
     assert error_lines(lines) == [lines[-1]], lines
     assert message.replace("{tmp}", str(workdir)) in lines[-1]
-    assert len(BAD_INPUTS) >= 20
+
+
+def test_the_table_covers_every_config_group() -> None:
+    # A case covers a group by picking one of its options (`optimizer=lion`) or setting one of its keys.
+    covered = {arg.lstrip("+").split("=")[0].split(".")[0] for argv, _, _ in BAD_INPUTS for arg in argv}
+    in_train_yaml = {group for entry in yaml.safe_load((REPO / "conf" / "train.yaml").read_text())["defaults"]
+                     if isinstance(entry, dict) for group in entry}
+    assert in_train_yaml <= set(CONFIG_GROUPS), f"conf/'s folders {CONFIG_GROUPS} miss groups of train.yaml"
+    missing = [group for group in CONFIG_GROUPS if group not in covered]
+    assert not missing, f"BAD_INPUTS has no case for the config group(s) {missing}: add a bad option or value of each"
 
 
 @pytest.fixture
