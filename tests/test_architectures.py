@@ -3,6 +3,7 @@ a training step, serialization round trips and the SavedModel export the pipelin
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import keras
@@ -28,6 +29,9 @@ MULTIMODAL_SMALL = InputSpec(shape=(16, 16, 1), dtype="uint8", num_classes=0, fe
 
 ARCHITECTURES = sorted(p.stem for p in (REPO / "conf" / "architecture").glob("*.yaml"))
 SINGLE_INPUT = [name for name in ARCHITECTURES if name != "multi_io"]
+# Keras's serialization registry after `import architectures`: every custom layer or model
+# class, as "architectures>ClassName" (@keras.saving.register_keras_serializable(package="architectures")).
+REGISTERED = sorted(name for name in keras.saving.get_custom_objects() if name.startswith("architectures>"))
 
 # count_params() with the YAML defaults, per input spec. A change here is a change of
 # architecture: update it deliberately.
@@ -132,14 +136,38 @@ def test_output_stays_float32_under_mixed_precision(name: str) -> None:
         keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
-def test_custom_layers_round_trip_their_config(name: str) -> None:
-    model = build(name, specs_for(name)[0])
-    custom = [layer for layer in [model, *nested_layers(model)] if type(layer).__module__.startswith("architectures")]
-    for layer in custom:
-        clone = type(layer).from_config(layer.get_config())
-        assert clone.get_config() == layer.get_config()
-        assert keras.saving.get_registered_object(keras.saving.get_registered_name(type(layer))) is type(layer)
+@functools.cache
+def custom_layers() -> dict[type, keras.layers.Layer]:
+    """One instance of each of this project's own layer and model classes the architectures build."""
+    found: dict[type, keras.layers.Layer] = {}
+    for name in ARCHITECTURES:
+        model = build(name, specs_for(name)[0])
+        for layer in [model, *nested_layers(model)]:
+            if type(layer).__module__.startswith("architectures."):
+                found.setdefault(type(layer), layer)
+    return found
+
+
+def test_custom_classes_are_registered_and_used() -> None:
+    assert REGISTERED, "`import architectures` registered no class with keras.saving.register_keras_serializable"
+    unused = [name for name in REGISTERED if keras.saving.get_registered_object(name) not in custom_layers()]
+    assert not unused, f"registered, but no architecture in conf/architecture/ builds them: {unused}"
+    unregistered = [cls.__qualname__ for cls in custom_layers()
+                    if keras.saving.get_registered_name(cls) not in REGISTERED]
+    assert not unregistered, f"built, but not registered serializable (their .keras files cannot load): {unregistered}"
+
+
+@pytest.mark.parametrize("registered_name", REGISTERED)
+def test_registered_class_round_trips_its_config(registered_name: str) -> None:
+    cls = keras.saving.get_registered_object(registered_name)
+    layer = custom_layers().get(cls)
+    assert layer is not None, f"no architecture builds {registered_name}"
+    clone = cls.from_config(layer.get_config())
+    assert type(clone) is cls and clone.get_config() == layer.get_config()
+    # Through Keras's own serialization, as a .keras file stores it: the registered name leads back here.
+    config = keras.saving.serialize_keras_object(layer)
+    assert config["registered_name"] == registered_name
+    assert keras.saving.deserialize_keras_object(config).get_config() == layer.get_config()
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
