@@ -15,13 +15,13 @@ does, its ~60 variable reads and save ops cost ~60 ms of CPU a save on 2 cores, 
 from training. TensorFlow writes a checkpoint's files under a temporary name; then the
 `checkpoint` index file moves to it with an atomic rename, so a kill mid-write leaves
 the previous checkpoint as the latest. A checkpoint that is nonetheless unreadable (e.g. a
-truncated file) is skipped, with a warning, in favour of the one before it.
+truncated file) is skipped, with a warning, in favour of the one before it. The files on
+disk and their index are `pipeline.checkpoint_store`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -29,6 +29,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pipeline.checkpoint_store import NumberedCheckpoints, by_path, latest_readable, read_all
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Checkpointing(keras.callbacks.Callback):
     # Everything saved is a variable in nested dicts and lists, so the same structure of
     # shadow variables writes a checkpoint that reads back into the live ones.
     def _core(self) -> dict:
-        return {"model": _by_path(self.model.model.variables), "optimizer": _by_path(self.model.optimizer.variables),
+        return {"model": by_path(self.model.model.variables), "optimizer": by_path(self.model.optimizer.variables),
                 "train_state": list(self.model.build_train_state().variables)}
 
     def _rest(self) -> dict:
@@ -127,10 +128,10 @@ class Checkpointing(keras.callbacks.Callback):
         """Restore the model, optimizer and data position from the newest readable
         checkpoint (the rest follows in `on_train_begin`); return (epoch, batch) to
         continue from, or None if there is no checkpoint."""
-        path = self._latest_readable()
+        path = latest_readable(self.directory)
         if path is None:
             return None
-        _read_all(tf.train.Checkpoint(**self._core()), path)
+        read_all(tf.train.Checkpoint(**self._core()), path)
         self._resume_from = path
         state = self.model.build_train_state()
         epoch, batch = int(state.epoch.numpy()), int(state.batch.numpy())
@@ -142,31 +143,12 @@ class Checkpointing(keras.callbacks.Callback):
         """Put the model and optimizer back to the newest readable checkpoint; the data
         position moves on. Returns the step the checkpoint was saved at."""
         self.wait()
-        path = self._latest_readable()
+        path = latest_readable(self.directory)
         if path is None:
             raise PipelineError(f"no readable checkpoint in {self.directory} to roll back to")
         core = self._core()
-        _read_all(tf.train.Checkpoint(model=core["model"], optimizer=core["optimizer"]), path)
+        read_all(tf.train.Checkpoint(model=core["model"], optimizer=core["optimizer"]), path)
         return int(path.rpartition("-")[2])
-
-    def _latest_readable(self) -> str | None:
-        """The newest checkpoint whose every tensor reads back; older ones are tried
-        after a warning. None if there are none at all."""
-        state = tf.train.get_checkpoint_state(self.directory)
-        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
-        for path in candidates:
-            try:
-                reader = tf.train.load_checkpoint(path)
-                for name in reader.get_variable_to_shape_map():
-                    reader.get_tensor(name)
-                return path
-            except Exception as error:  # OpError, or IndexError/ValueError from a truncated file
-                log.warning("checkpoint %s is unreadable (%s); falling back to the one before it", path,
-                            one_line(error, 200))
-        if candidates:
-            raise PipelineError(f"every checkpoint in {self.directory} is unreadable "
-                                f"({', '.join(Path(p).name for p in candidates)}); cannot resume")
-        return None
 
     # -- Keras hooks ---------------------------------------------------------------
     def on_train_begin(self, logs=None) -> None:
@@ -288,66 +270,3 @@ class Checkpointing(keras.callbacks.Callback):
             f"(epoch {int(state.epoch.numpy())}); checkpoint {path}{resume}",
             self._requested_signal,
         )
-
-
-class NumberedCheckpoints:
-    """Checkpoints `directory/ckpt-N` of `root`, each written by one compiled call; the
-    newest `keep` are kept and listed in the `checkpoint` index file that
-    `tf.train.latest_checkpoint` and `tf.train.get_checkpoint_state` read (as
-    `tf.train.CheckpointManager` keeps them, checkpoints already there included)."""
-
-    def __init__(self, root: tf.train.Checkpoint, directory: str, keep: int) -> None:
-        self.directory = directory
-        self.keep = keep
-        state = tf.train.get_checkpoint_state(directory)
-        self.paths: list[str] = list(state.all_model_checkpoint_paths) if state else []
-        # Traced once: the object graph is fixed, so each call only reads and writes tensors.
-        self._write = tf.function(lambda prefix: root.write(prefix), autograph=False)
-
-    @property
-    def latest_checkpoint(self) -> str | None:
-        return self.paths[-1] if self.paths else None
-
-    def save(self, number: int) -> str:
-        path = os.path.join(self.directory, f"ckpt-{number}")
-        tf.io.gfile.makedirs(self.directory)  # a non-chief worker's scratch copy is deleted after each save
-        self._write(tf.constant(path))
-        self.paths = [p for p in self.paths if p != path] + [path]
-        stale, self.paths = self.paths[:-self.keep], self.paths[-self.keep:]
-        self._write_index()  # moved to the new checkpoint before the oldest goes
-        for old in stale:
-            for file in tf.io.gfile.glob(f"{old}.*"):
-                tf.io.gfile.remove(file)
-        return path
-
-    def _write_index(self) -> None:
-        """The `checkpoint` file (a text `CheckpointState`, paths relative to the
-        directory, as `tf.train.CheckpointManager` writes it), replaced atomically."""
-        names = [os.path.basename(p) for p in self.paths]
-        text = "".join([f'model_checkpoint_path: "{names[-1]}"\n',
-                        *(f'all_model_checkpoint_paths: "{name}"\n' for name in names)])
-        index = os.path.join(self.directory, "checkpoint")
-        with tf.io.gfile.GFile(f"{index}.tmp", "w") as file:
-            file.write(text)
-        tf.io.gfile.rename(f"{index}.tmp", index, overwrite=True)
-
-
-def _by_path(variables) -> dict:
-    """Variables keyed by their Keras path (made unique by position where paths repeat)."""
-    keyed = {}
-    for index, variable in enumerate(variables):
-        key = variable.path if variable.path not in keyed else f"{variable.path}#{index}"
-        keyed[key] = variable
-    return keyed
-
-
-def _read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
-    """Restore every variable of `checkpoint` from `path`, or fail naming the mismatch
-    (e.g. a checkpoint another architecture, or an older version of this code, wrote)."""
-    status = checkpoint.read(path)
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as error:
-        raise PipelineError(f"checkpoint {path} does not hold this model's training state "
-                            f"({one_line(error, 200)})") from None
-    status.expect_partial()  # the rest of the checkpoint (metrics, callbacks) is read later
