@@ -219,15 +219,22 @@ def test_system_metrics_appear_in_a_short_run(mlflow_store: str, sampling_env) -
     assert provenance.enable_system_metrics(sampling_interval=0.5, samples_before_logging=2) is True
     assert os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] == "0.5"
     experiment_id = new_experiment("system")
-    with tracking.start_run(experiment_id, "with", {}, log_system_metrics=True) as run:
-        time.sleep(3.5)  # ~3 points of 2 samples each
-    with tracking.start_run(experiment_id, "without", {}) as quiet:  # default: MLflow's variable, unset
-        time.sleep(1.5)
     client = MlflowClient()
+    memory = "system/system_memory_usage_megabytes"
+    with tracking.start_run(experiment_id, "with", {}, log_system_metrics=True) as run:
+        # A point every 2 samples of 0.5 s: two points take ~2 s, longer on a loaded machine.
+        deadline = time.monotonic() + 30
+        while len(points := client.get_metric_history(run.info.run_id, memory)) < 2:
+            assert time.monotonic() < deadline, (
+                f"MLflow's system-metrics monitor logged {len(points)} point(s) of {memory} within 30 s of the "
+                "run's start; expected 2 (a point every 2 samples of 0.5 s)")
+            time.sleep(0.1)
+    with tracking.start_run(experiment_id, "without", {}) as quiet:  # default: MLflow's variable, unset
+        time.sleep(1.5)  # long enough for a point, were the monitor on
     metrics = client.get_run(run.info.run_id).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
     assert all(key.startswith("system/") for key in metrics)
-    history = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    history = client.get_metric_history(run.info.run_id, memory)
     assert len(history) >= 2 and all(point.value > 0 for point in history)
     assert client.get_run(quiet.info.run_id).data.metrics == {}
 
