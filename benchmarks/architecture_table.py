@@ -1,7 +1,7 @@
 """Train every architecture with its defaults and write the README's architecture table.
 
-    python benchmarks/architecture_table.py            # all families, ~10 min on 2 cores
-    python benchmarks/architecture_table.py mlp resnet # a subset (the table keeps the rest)
+    python -m benchmarks.architecture_table            # from the repository root: all families, ~10 min
+    python -m benchmarks.architecture_table mlp resnet # a subset (the table keeps the rest)
 
 Each family trains exactly as `python -m pipeline.train architecture=NAME` would (on
 `digits`; `multi_io` on `synthetic_multimodal`), logging to a throwaway MLflow store.
@@ -73,7 +73,7 @@ def main(names: list[str]) -> None:
 
     caption = (f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores with TensorFlow "
                f"{tf.__version__}, Keras {keras.__version__}, default config (early stopping on), by "
-               "`python benchmarks/architecture_table.py`. Run time is the whole run: data, fit, test, "
+               "`python -m benchmarks.architecture_table`. Run time is the whole run: data, fit, test, "
                "SavedModel export and registration.\n\n")
     table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     table += ["| " + " | ".join(rows[name].values()) + " |" for name in sorted(rows)]

@@ -1,7 +1,7 @@
 """What the default callbacks cost: the pipeline with them against the pipeline without.
 
-    python benchmarks/callbacks_overhead.py               # mlp on synthetic_mnist, 7 pairs
-    python benchmarks/callbacks_overhead.py --pairs 5 resnet
+    python -m benchmarks.callbacks_overhead               # from the repository root: mlp, 7 pairs
+    python -m benchmarks.callbacks_overhead --pairs 5 resnet
 
 Candidate: the default `callbacks` group (in-graph gradient-norm and finite checks with
 per-layer norms logged every 50 steps, checkpoints every 500 steps and at each epoch's
@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
-
-from common import (  # noqa: E402
+from benchmarks.common import (
     TRAIN_EXAMPLES,
     Throughput,
     host_steadiness,
@@ -43,7 +40,7 @@ def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) ->
     train(compose([f"architecture={architecture}", "dataset=synthetic_mnist", f"dataset.data_dir={data_dir}",
                    f"callbacks={callbacks}", f"trainer.epochs={EPOCHS[architecture]}", "trainer.verbose=0",
                    "mlflow.log_model=false", f"mlflow.tracking_uri=sqlite:///{store}",
-                   "+callbacks.zz_timer._target_=common.EpochTimer"]))
+                   "+callbacks.zz_timer._target_=benchmarks.common.EpochTimer"]))
     return Throughput.of_epochs(TRAIN_EXAMPLES)
 
 

@@ -1,7 +1,7 @@
 """The full pipeline against the tutorial's bare `model.fit`, same model and data.
 
-    python benchmarks/overhead.py                 # mlp and resnet, 5 pairs each (~20 min)
-    python benchmarks/overhead.py --pairs 7 mlp   # one architecture
+    python -m benchmarks.overhead                 # from the repository root: mlp and resnet, 5 pairs each (~20 min)
+    python -m benchmarks.overhead --pairs 7 mlp   # one architecture
 
 Candidate: `pipeline.train.train` with the default config (every default callback:
 gradient-norm and finite checks, checkpoints, early stopping, per-epoch MLflow logging
@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
-
-from common import (  # noqa: E402
+from benchmarks.common import (
     TRAIN_EXAMPLES,
     EpochTimer,
     Throughput,
@@ -48,7 +45,8 @@ def pipeline_throughput(architecture: str, store: Path, data_dir: str) -> Throug
 
     cfg = compose([f"architecture={architecture}", "dataset=synthetic_mnist", f"dataset.data_dir={data_dir}",
                    f"trainer.epochs={EPOCHS[architecture]}", "trainer.verbose=0",
-                   f"mlflow.tracking_uri=sqlite:///{store}", "+callbacks.zz_timer._target_=common.EpochTimer"])
+                   f"mlflow.tracking_uri=sqlite:///{store}",
+                   "+callbacks.zz_timer._target_=benchmarks.common.EpochTimer"])
     train(cfg)
     return Throughput.of_epochs(TRAIN_EXAMPLES)
 

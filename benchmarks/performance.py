@@ -1,7 +1,7 @@
 """Input pipeline, MFU, precision and XLA, measured in one process; writes the README table.
 
-    python benchmarks/performance.py              # ~10 min on 2 cores
-    python benchmarks/performance.py --readme     # also rewrite the README's performance table
+    python -m benchmarks.performance              # from the repository root; ~10 min on 2 cores
+    python -m benchmarks.performance --readme     # also rewrite the README's performance table
 
 All on `synthetic_mnist` (28x28x1, batch 128), models built by the pipeline's own
 builders and trained by the pipeline's train step (`GuardedModel`, default checks on):
@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
-
-from common import EpochTimer, Throughput, host_steadiness, interleaved, machine, update_readme  # noqa: E402
+from benchmarks.common import EpochTimer, Throughput, host_steadiness, interleaved, machine, update_readme
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -1,6 +1,6 @@
 """Start-up: from process start to the end of the first training step.
 
-    python benchmarks/startup.py            # 5 interleaved pairs
+    python -m benchmarks.startup            # from the repository root; 5 interleaved pairs
 
 Candidate: `python -m pipeline.train` (defaults: digits, MLflow to the sqlite store in
 the working directory, which an earlier run created, the dataset already prepared). Baseline: the tutorial's
@@ -30,10 +30,7 @@ from pathlib import Path
 
 import keras
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS))  # benchmarks/common.py
-
-from common import machine, update_readme  # noqa: E402
+from benchmarks.common import REPO, machine, update_readme
 
 MARK = "first step done at"
 
@@ -50,9 +47,8 @@ class FirstStep(keras.callbacks.Callback):
 
 
 BARE = """
-import sys; sys.path.insert(0, {benchmarks!r})
 import keras, tensorflow_datasets as tfds
-from startup import FirstStep
+from benchmarks.startup import FirstStep
 import pipeline.datasets  # registers digits (the tutorial would use tfds.load("mnist"))
 train = tfds.load("digits", split="train", as_supervised=True, data_dir={data_dir!r}, download=False)
 model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
@@ -64,7 +60,8 @@ model.fit(train.shuffle(2048).batch(32), epochs=1, callbacks=[FirstStep()], verb
 
 
 def seconds(command: list[str], cwd: str) -> float:
-    env = os.environ | {"PYTHONPATH": str(BENCHMARKS), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # Both run in a temporary directory and import benchmarks.startup.FirstStep from this checkout.
+    env = os.environ | {"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in result.stdout.splitlines() if line.startswith(MARK)]
@@ -81,10 +78,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(Path(tmp) / "tfds")
         pipeline = [sys.executable, "-m", "pipeline.train", f"dataset.data_dir={data_dir}",
-                    "+callbacks.zz_first_step._target_=startup.FirstStep"]
+                    "+callbacks.zz_first_step._target_=benchmarks.startup.FirstStep"]
         subprocess.run([*pipeline[:3], f"dataset.data_dir={data_dir}", "trainer.epochs=1", "trainer.verbose=0",
                         "mlflow.log_model=false"], cwd=tmp, capture_output=True, check=True)  # prepares digits
-        bare = [sys.executable, "-c", BARE.format(benchmarks=str(BENCHMARKS), data_dir=data_dir)]
+        bare = [sys.executable, "-c", BARE.format(data_dir=data_dir)]
         pairs = []  # (pipeline with the store of earlier runs, pipeline creating its store, bare script)
         for index in range(args.pairs):
             with tempfile.TemporaryDirectory() as run_dir:
