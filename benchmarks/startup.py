@@ -4,10 +4,12 @@
 
 Candidate: `python -m pipeline.train` (defaults: digits, MLflow to the sqlite store in
 the working directory, which an earlier run created, the dataset already prepared). Baseline: the tutorial's
-script in a fresh interpreter: import TensorFlow, build the same MLP, compile, and
-fit on the same digits arrays (`tfds.load`, already prepared). Both report the moment
-their first `train_function` call returns (a `FirstStep` callback), measured from the
-interpreter's start. Target: the pipeline within 8 s on 2 cores.
+script in a fresh interpreter: import TensorFlow, build the same MLP (the widths, dropout
+and activation of conf/architecture/mlp.yaml), compile, and fit on the same digits
+(`tfds.load`, already prepared) with the same batch size (conf/dataset/digits.yaml).
+Both report the moment their first `train_function` call returns (a `FirstStep`
+callback), measured from the interpreter's start. Target: the pipeline within 8 s on
+2 cores.
 
 Each pair also times the pipeline's very first run in a new directory, which creates
 the sqlite store (MLflow's schema migrations, once per store), and reports it apart.
@@ -51,12 +53,24 @@ import keras, tensorflow_datasets as tfds
 from benchmarks.startup import FirstStep
 import pipeline.datasets  # registers digits (the tutorial would use tfds.load("mnist"))
 train = tfds.load("digits", split="train", as_supervised=True, data_dir={data_dir!r}, download=False)
-model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
-                          keras.layers.Dense(256, activation="relu"), keras.layers.Dropout(0.2),
-                          keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten()])
+for units in {hidden_units!r}:
+    model.add(keras.layers.Dense(units, activation={activation!r}))
+    model.add(keras.layers.Dropout({dropout!r}))
+model.add(keras.layers.Dense(10, activation="softmax"))
 model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-model.fit(train.shuffle(2048).batch(32), epochs=1, callbacks=[FirstStep()], verbose=0)
+model.fit(train.shuffle(2048).batch({batch_size!r}), epochs=1, callbacks=[FirstStep()], verbose=0)
 """
+
+
+def bare_script(data_dir: str) -> str:
+    """The tutorial's script with the MLP and batch size `python -m pipeline.train` trains by default."""
+    from omegaconf import OmegaConf  # here, not at the top: the bare script imports this module
+
+    mlp = OmegaConf.load(REPO / "conf" / "architecture" / "mlp.yaml")
+    digits = OmegaConf.load(REPO / "conf" / "dataset" / "digits.yaml")
+    return BARE.format(data_dir=data_dir, hidden_units=[int(units) for units in mlp.hidden_units],
+                       activation=mlp.activation, dropout=float(mlp.dropout), batch_size=int(digits.batch_size))
 
 
 def seconds(command: list[str], cwd: str) -> float:
@@ -81,7 +95,7 @@ def main() -> None:
                     "+callbacks.zz_first_step._target_=benchmarks.startup.FirstStep"]
         subprocess.run([*pipeline[:3], f"dataset.data_dir={data_dir}", "trainer.epochs=1", "trainer.verbose=0",
                         "mlflow.log_model=false"], cwd=tmp, capture_output=True, check=True)  # prepares digits
-        bare = [sys.executable, "-c", BARE.format(data_dir=data_dir)]
+        bare = [sys.executable, "-c", bare_script(data_dir)]
         pairs = []  # (pipeline with the store of earlier runs, pipeline creating its store, bare script)
         for index in range(args.pairs):
             with tempfile.TemporaryDirectory() as run_dir:
