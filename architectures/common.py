@@ -43,17 +43,26 @@ class InputSpec:
         return self.features > 0 or bool(self.heads)
 
 
+def image_layers(input_spec: InputSpec, name: str = "image") -> tuple[keras.KerasTensor, keras.layers.Rescaling]:
+    """The raw-image `Input` and the `Rescaling` layer to [0, 1], for Sequential builders.
+
+    The input keeps the dataset dtype (e.g. uint8), so the exported signature takes raw
+    images; the model carries its own preprocessing.
+    """
+    inputs = keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name=name)
+    return inputs, keras.layers.Rescaling(1.0 / input_spec.max_value, name="rescale")
+
+
 def image_input(input_spec: InputSpec, name: str = "image") -> tuple[keras.KerasTensor, keras.KerasTensor]:
     """The raw-image `Input` and its rescaled float version, for Functional builders.
 
     Returns:
-        (inputs, scaled): `inputs` keeps the dataset dtype (e.g. uint8), so the exported
-        signature takes raw images; `scaled` is (B, *input_spec.shape) in [0, 1], in the
-        layers' compute dtype (float32, or bfloat16/float16 under mixed precision).
+        (inputs, scaled): `inputs` keeps the dataset dtype (e.g. uint8); `scaled` is
+        (B, *input_spec.shape) in [0, 1], in the layers' compute dtype (float32, or
+        bfloat16/float16 under mixed precision).
     """
-    inputs = keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name=name)
-    scaled = keras.layers.Rescaling(1.0 / input_spec.max_value, name="rescale")(inputs)
-    return inputs, scaled
+    inputs, rescale = image_layers(input_spec, name)
+    return inputs, rescale(inputs)
 
 
 def classifier_head(num_classes: int, name: str = "probabilities") -> keras.layers.Dense:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import keras
 
-from architectures.common import InputSpec, check_dropout, check_units, classifier_head
+from architectures.common import InputSpec, check_dropout, check_units, classifier_head, image_layers
 
 
 def build(
@@ -33,11 +33,7 @@ def build(
     """
     check_units(hidden_units, "hidden_units")
     check_dropout(dropout)
-    layers: list[keras.layers.Layer] = [
-        keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name="image"),
-        keras.layers.Rescaling(1.0 / input_spec.max_value, name="rescale"),
-        keras.layers.Flatten(name="flatten"),
-    ]
+    layers: list[keras.layers.Layer] = [*image_layers(input_spec), keras.layers.Flatten(name="flatten")]
     for index, units in enumerate(hidden_units, start=1):
         layers += [
             keras.layers.Dense(int(units), activation=activation, name=f"dense_{index}"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from architectures.common import InputSpec, check_dropout, check_positive_int, classifier_head
+from architectures.common import InputSpec, check_dropout, check_positive_int, classifier_head, image_layers
 
 
 def build(
@@ -40,8 +40,8 @@ def build(
     check_dropout(dropout_2, "dropout_2")
 
     model = keras.Sequential(name="mlp_bn")
-    model.add(keras.Input(shape=input_spec.shape, dtype=input_spec.dtype, name="image"))
-    model.add(keras.layers.Rescaling(1.0 / input_spec.max_value, name="rescale"))
+    for layer in image_layers(input_spec):
+        model.add(layer)
     model.add(keras.layers.Flatten(name="flatten"))
     model.add(keras.layers.Dense(int(units_1), activation=activation, name="dense_1"))
     model.add(keras.layers.BatchNormalization(name="batch_norm_1"))
