@@ -1,6 +1,7 @@
 """What the layers of a Keras model output: `intermediate_model`, a model from its inputs
 to the chosen layers' outputs (inside nested sub-models too) sharing its weights, and
-`layer_statistics` of those outputs on a batch, printed by `format_table`.
+`layer_statistics` of those outputs on a batch, printed by `format_table`, and an
+`activation_histogram` figure of each.
 
     from pipeline import activations
     probe = activations.intermediate_model(model, ["dense_1"])
@@ -20,6 +21,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import keras
+    from matplotlib.figure import Figure
 
 
 def layer_names(model: keras.Model) -> list[str]:
@@ -177,3 +179,32 @@ def format_table(statistics: Sequence[dict[str, Any]] | Any) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)
                                for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows)
+
+
+def activation_histogram(name: str, values: np.ndarray, bins: int = 60) -> Figure:
+    """Histogram of one layer's output values (non-finite values are counted in the title).
+
+    Args:
+        name: the layer name, used as the title.
+        values: the layer's output on a batch, any shape.
+        bins: number of histogram bins.
+
+    Returns:
+        A figure with one axes, log-scale count axis so that rare outliers stay visible.
+    """
+    from matplotlib.figure import Figure  # here: `pipeline.inspect` imports this module before it draws anything
+
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    finite = flat[np.isfinite(flat)]
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = figure.add_subplot()
+    if finite.size:
+        ax.hist(finite, bins=bins, color="steelblue", log=True)
+    title = f"{name}  {tuple(np.shape(values))}"
+    if finite.size != flat.size:
+        title += f"  ({flat.size - finite.size} non-finite not shown)"
+    ax.set_title(title)
+    ax.set_xlabel("value")
+    ax.set_ylabel("count")
+    ax.grid(alpha=0.3)
+    return figure

@@ -97,7 +97,7 @@ def inspect_model(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     print(f"{cfg.model} on {cfg.dataset.name}[{cfg.split}], {examples} examples:", flush=True)
     print(activations.format_table(statistics.values()), flush=True)
     for name in statistics:
-        plots.save(plots.activation_histogram(name, outputs[name]), output_dir / f"{_file_name(name)}.png")
+        plots.save(activations.activation_histogram(name, outputs[name]), output_dir / f"{_file_name(name)}.png")
     (output_dir / "statistics.json").write_text(json.dumps(statistics, indent=2))
     print(f"histograms of {len(statistics)} layers and statistics.json in {output_dir}", flush=True)
     return statistics

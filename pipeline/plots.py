@@ -1,5 +1,6 @@
 """Figures of a run: learning curves, confusion matrices, gradient norms, learning-rate
-schedules, activation histograms and the architecture diagram.
+schedules and the architecture diagram (a layer's activation histogram is drawn by
+`pipeline.activations`, the rates a schedule gives by `pipeline.learning_rates`).
 
 Every function returns a `matplotlib.figure.Figure` built with the object-oriented API
 and touches no pyplot state, so it is safe in a training process, a test or a notebook
@@ -18,11 +19,13 @@ import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from pipeline.learning_rates import learning_rates, schedule_name, schedule_of
 
 if TYPE_CHECKING:
     import keras
@@ -194,129 +197,14 @@ def learning_rate_schedule(
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1. Received: {total_steps}")
-    schedule = _schedule_of(optimizer_or_schedule)
+    schedule = schedule_of(optimizer_or_schedule)
     figure = Figure(figsize=(7, 3.5), layout="constrained")
     ax = figure.add_subplot()
     ax.plot(np.arange(total_steps), learning_rates(schedule, total_steps))
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
-    ax.set_title(_schedule_name(schedule))
+    ax.set_title(schedule_name(schedule))
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    ax.grid(alpha=0.3)
-    return figure
-
-
-def learning_rates(
-    optimizer_or_schedule: keras.optimizers.Optimizer | keras.optimizers.schedules.LearningRateSchedule | float,
-    total_steps: int,
-) -> np.ndarray:
-    """The rate at steps 0..total_steps-1 as float64 (what `learning_rate_schedule` draws).
-
-    Evaluated in one vectorised call when the schedule allows it, else in one traced
-    `tf.map_fn` over the steps (schedules that branch on a scalar step, such as
-    CosineDecay's warmup), else step by step; each checked against step-by-step values
-    at three steps. Step by step costs ~4 ms a step for a warmed-up cosine: the
-    traced map turns 5000 steps from 20 s into well under a second.
-    """
-    import keras
-
-    schedule = _schedule_of(optimizer_or_schedule)
-    if isinstance(schedule, float):
-        return np.full(total_steps, schedule)
-    steps = np.arange(total_steps)
-
-    def scalar(step: int) -> float:
-        return float(keras.ops.convert_to_numpy(schedule(step)))
-
-    probes = sorted({0, total_steps // 2, total_steps - 1})
-    expected = [scalar(step) for step in probes]
-    for evaluate in (_rates_vectorised, _rates_mapped_in_graph):
-        try:
-            rates = evaluate(schedule, steps)
-        except Exception:  # this schedule cannot be evaluated that way: try the next
-            continue
-        if rates.shape == steps.shape and np.allclose(rates[probes], expected):
-            return rates
-    return np.array([scalar(step) for step in steps])
-
-
-def _rates_vectorised(schedule: Any, steps: np.ndarray) -> np.ndarray:
-    """One call for all steps, when the schedule is written with element-wise ops."""
-    import keras
-
-    return np.asarray(keras.ops.convert_to_numpy(schedule(steps.astype("float32"))), dtype=float)
-
-
-def _rates_mapped_in_graph(schedule: Any, steps: np.ndarray) -> np.ndarray:
-    """The schedule traced once and mapped over int64 steps (the optimizer's own step
-    dtype) in a TensorFlow graph."""
-    import tensorflow as tf
-
-    @tf.function
-    def rates(all_steps):
-        return tf.map_fn(lambda step: tf.cast(schedule(step), tf.float32), all_steps, fn_output_signature=tf.float32)
-
-    return np.asarray(rates(tf.constant(steps, tf.int64)).numpy(), dtype=float)
-
-
-def _schedule_name(schedule: Any) -> str:
-    """`CosineDecay`, `constant learning rate`; a schedule scaled at run time (the
-    pipeline's `ScaledLearningRate`: `base` x `scale`) as `CosineDecay x 0.5`."""
-    if isinstance(schedule, float):
-        return "constant learning rate"
-    base, scale = getattr(schedule, "base", None), getattr(schedule, "scale", None)
-    if base is not None and scale is not None:
-        import keras
-
-        factor = float(keras.ops.convert_to_numpy(scale))
-        name = "constant learning rate" if isinstance(base, (int, float)) else type(base).__name__
-        return f"{name} x {factor:g}"
-    return type(schedule).__name__
-
-
-def _schedule_of(optimizer_or_schedule: Any) -> Any:
-    """A LearningRateSchedule, or the constant rate as a float."""
-    import keras
-
-    candidate = optimizer_or_schedule
-    if isinstance(candidate, keras.optimizers.Optimizer):
-        candidate = getattr(candidate, "inner_optimizer", candidate)  # a LossScaleOptimizer wraps the real one
-        # `optimizer.learning_rate` evaluates the schedule at the current step; the
-        # schedule itself is only kept privately.
-        candidate = candidate._learning_rate
-    if isinstance(candidate, keras.optimizers.schedules.LearningRateSchedule):
-        return candidate
-    if isinstance(candidate, keras.Variable):
-        return float(keras.ops.convert_to_numpy(candidate.value))
-    if isinstance(candidate, (int, float, np.floating, np.integer)):
-        return float(candidate)
-    raise ValueError("optimizer_or_schedule must be a keras Optimizer, LearningRateSchedule or a number. "
-                     f"Received: {type(optimizer_or_schedule).__name__}")
-
-
-def activation_histogram(name: str, values: np.ndarray, bins: int = 60) -> Figure:
-    """Histogram of one layer's output values (non-finite values are counted in the title).
-
-    Args:
-        name: the layer name, used as the title.
-        values: the layer's output on a batch, any shape.
-        bins: number of histogram bins.
-
-    Returns:
-        A figure with one axes, log-scale count axis so that rare outliers stay visible.
-    """
-    flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    finite = flat[np.isfinite(flat)]
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
-    ax = figure.add_subplot()
-    if finite.size:
-        ax.hist(finite, bins=bins, color="steelblue", log=True)
-    title = f"{name}  {tuple(np.shape(values))}"
-    if finite.size != flat.size:
-        title += f"  ({flat.size - finite.size} non-finite not shown)"
-    ax.set_title(title)
-    ax.set_xlabel("value")
-    ax.set_ylabel("count")
     ax.grid(alpha=0.3)
     return figure
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from architectures import InputSpec, mlp
-from pipeline import plots
+from pipeline import activations, learning_rates, plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -126,7 +126,7 @@ def test_learning_rate_schedule_evaluates_a_keras_cosine_schedule() -> None:
         np.testing.assert_array_equal(line.get_xdata(), np.arange(50))
         expected = [float(keras.ops.convert_to_numpy(schedule(step))) for step in range(50)]
         np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-6)
-    rates = plots.learning_rates(warm, 50)
+    rates = learning_rates.learning_rates(warm, 50)
     assert rates[0] == 0.0 and rates[10] == pytest.approx(0.1) and rates[49] < rates[10]
 
 
@@ -146,7 +146,7 @@ def test_learning_rate_schedule_of_an_optimizer_or_a_constant() -> None:
 
 def test_activation_histogram_counts_finite_values() -> None:
     values = np.array([[0.0, 1.0, 1.0, np.nan], [2.0, np.inf, 0.5, 0.5]])
-    ax = plots.activation_histogram("dense_1", values, bins=4).axes[0]
+    ax = activations.activation_histogram("dense_1", values, bins=4).axes[0]
     assert sum(patch.get_height() for patch in ax.patches) == 6
     assert ax.get_title() == "dense_1  (2, 4)  (2 non-finite not shown)"
 
