@@ -8,10 +8,10 @@ the config: everything a run depends on is in its plan.
     plan = compose(["trainer.epochs=2"])     # tests, benchmarks, notebooks: as the CLI would
     metrics = train(plan)
 
-Resolving a plan also recovers what the run continues: `resume=RUN_ID|last` reopens an
-unfinished run with the config it recorded, `reproduce=RUN_ID` trains a recorded config
-again as a new run. And it decides the process's role under `distribution=multi_worker`:
-only the chief records to MLflow.
+Resolving a plan also recovers what the run continues (`pipeline.recovery`):
+`resume=RUN_ID|last` reopens an unfinished run with the config it recorded,
+`reproduce=RUN_ID` trains a recorded config again as a new run. And it decides the
+process's role under `distribution=multi_worker`: only the chief records to MLflow.
 """
 
 from __future__ import annotations
@@ -29,32 +29,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import distribute
+from pipeline import distribute, recovery
 from pipeline.config import validate
-from pipeline.errors import ConfigError
+from pipeline.recovery import Resume
 
 log = logging.getLogger(__name__)
 
 # How a sweep job's process learns its parent run and its name: JSON
 # {"parent_run_id", "run_name", "tags"}, set by `pipeline.sweep.SweepRuns.on_job_start`.
 SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
-
-# What a resume or reproduction may change: which run, where the store is, determinism,
-# how it is distributed (e.g. resume a multi-worker run on one device) and (a resume,
-# only upwards) the epochs.
-KEPT_CONFIG_OVERRIDES = ("resume=", "reproduce=", "trainer.epochs=", "mlflow.tracking_uri=",
-                         "mlflow.experiment_name=", "determinism=", "distribution=", "distribution.", "hydra.")
-
-
-@dataclass(frozen=True)
-class Resume:
-    """The unfinished run a plan continues, and where its checkpoints are.
-
-    `run_id` is None on a non-chief worker: it trains from the chief's checkpoints but
-    records into a throwaway store, so it opens a run of its own there."""
-
-    run_id: str | None
-    checkpoint_dir: Path
 
 
 @dataclass(frozen=True)
@@ -193,10 +176,10 @@ def resolve(
     choices = dict(choices or {})
     resume, reproduces = None, None
     if cfg.resume:
-        resume, cfg, architecture = _resumed(cfg, overrides)
+        resume, cfg, architecture = recovery.resumed(cfg, overrides)
     elif cfg.reproduce:
         reproduces = str(cfg.reproduce)
-        cfg, architecture = _reproduced(cfg, overrides)
+        cfg, architecture = recovery.reproduced(cfg, overrides)
     if resume is not None or reproduces is not None:
         choices["architecture"] = architecture or choices.get("architecture", "")
         validate(cfg)  # the recorded config, against today's code
@@ -223,84 +206,3 @@ def _record_nothing(cfg: DictConfig, resume: Resume | None, task: str) -> tuple[
     cfg.mlflow.log_model = False
     log.info("%s: not the chief, so nothing goes to MLflow (throwaway store %s)", task, scratch)
     return cfg, None if resume is None else dataclasses.replace(resume, run_id=None)
-
-
-# -- recovery of a recorded run: needs the tracking store, not TensorFlow ----------------
-def _resumed(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Resume, DictConfig, str]:
-    """The run `cfg.resume` names (a run id, or `last`: the newest unfinished run with
-    checkpoints in `cfg.mlflow.experiment_name`), the config it recorded, and its
-    architecture. Only `trainer.epochs` may differ from the recorded config, and only upwards.
-    """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipeline import tracking
-
-    _refuse_changes(f"resume={cfg.resume}", "a resumed run keeps its recorded config; only trainer.epochs may "
-                    "be raised", overrides)
-    experiment_id = tracking.connect(cfg.mlflow)
-    if cfg.resume == "last":
-        runs = MlflowClient().search_runs([experiment_id],
-                                          "attributes.status != 'FINISHED' and tags.checkpoint_dir != ''",
-                                          order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            raise ConfigError(f"resume=last: no unfinished run with checkpoints in experiment "
-                              f"{cfg.mlflow.experiment_name!r} at {mlflow.get_tracking_uri()}")
-        run = runs[0]
-    else:
-        run = _get_run("resume", cfg.resume)
-    run_id = run.info.run_id
-    checkpoint_dir = run.data.tags.get("checkpoint_dir")
-    if not checkpoint_dir:
-        raise ConfigError(f"resume={cfg.resume}: run {run_id} saved no checkpoints (callbacks.checkpoint was off)")
-    recorded = _recorded_config("resume", cfg, run_id)
-    if any(o.startswith("trainer.epochs=") for o in overrides):
-        if cfg.trainer.epochs < recorded.trainer.epochs:
-            raise ConfigError(f"resume={cfg.resume}: trainer.epochs may only be raised (the run was configured "
-                              f"for {recorded.trainer.epochs}). Received: {cfg.trainer.epochs}")
-        recorded.trainer.epochs = cfg.trainer.epochs
-    return Resume(run_id, Path(checkpoint_dir)), recorded, run.data.tags.get("architecture", "")
-
-
-def _reproduced(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str]:
-    """The config run `cfg.reproduce` recorded, to train again as a new run; and that
-    run's architecture name."""
-    from pipeline import tracking
-
-    _refuse_changes(f"reproduce={cfg.reproduce}", "a reproduction uses the run's recorded config", overrides)
-    tracking.connect(cfg.mlflow)
-    run = _get_run("reproduce", cfg.reproduce)
-    return _recorded_config("reproduce", cfg, run.info.run_id), run.data.tags.get("architecture", "")
-
-
-def _refuse_changes(what: str, why: str, overrides: Sequence[str]) -> None:
-    changed = [o for o in overrides if not o.lstrip("+~").startswith(KEPT_CONFIG_OVERRIDES)]
-    if changed:
-        raise ConfigError(f"{what}: {why}. Received: {' '.join(changed)}")
-
-
-def _get_run(key: str, run_id: str):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    try:
-        return MlflowClient().get_run(str(run_id))
-    except Exception:  # unknown id, malformed id: MLflow raises several types
-        raise ConfigError(f"{key}: no run {run_id!r} in the tracking store at {mlflow.get_tracking_uri()}") from None
-
-
-def _recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:
-    """`config.yaml` of run `run_id`, with this invocation's store, determinism and distribution."""
-    import mlflow
-
-    try:
-        recorded = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
-    except Exception as error:
-        raise ConfigError(f"{key}={cfg[key]}: cannot read the config run {run_id} recorded: {error}") from None
-    recorded.resume = None
-    recorded.reproduce = None
-    recorded.determinism = cfg.determinism
-    recorded.mlflow.tracking_uri = cfg.mlflow.tracking_uri
-    if cfg.get("distribution") is not None:  # how to run it, not what to train: this invocation's
-        recorded.distribution = cfg.distribution
-    return recorded
