@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.config import compose
+from pipeline.plan import compose
 from pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +34,9 @@ def measure(name: str, store: Path) -> dict[str, str]:
     dataset = DATASET.get(name, "digits")
     overrides = [f"architecture={name}", f"dataset={dataset}", f"mlflow.tracking_uri=sqlite:///{store}",
                  *EXTRA.get(name, [])]
-    cfg = compose([*overrides, "trainer.verbose=0"])
+    run_plan = compose([*overrides, "trainer.verbose=0"])
     started = time.perf_counter()
-    metrics = train(cfg)
+    metrics = train(run_plan)
     seconds = time.perf_counter() - started
     run = mlflow.search_runs(experiment_names=[dataset], order_by=["start_time DESC"], max_results=1,
                              output_format="list")[0]

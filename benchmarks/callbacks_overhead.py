@@ -34,7 +34,7 @@ EPOCHS = {"mlp": 6, "resnet": 3}
 
 
 def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) -> Throughput:
-    from pipeline.config import compose
+    from pipeline.plan import compose
     from pipeline.train import train
 
     train(compose([f"architecture={architecture}", "dataset=synthetic_mnist", f"dataset.data_dir={data_dir}",

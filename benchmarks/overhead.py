@@ -40,14 +40,13 @@ TARGETS = {"mlp": 1.3, "resnet": 0.97}
 
 
 def pipeline_throughput(architecture: str, store: Path, data_dir: str) -> Throughput:
-    from pipeline.config import compose
+    from pipeline.plan import compose
     from pipeline.train import train
 
-    cfg = compose([f"architecture={architecture}", "dataset=synthetic_mnist", f"dataset.data_dir={data_dir}",
+    train(compose([f"architecture={architecture}", "dataset=synthetic_mnist", f"dataset.data_dir={data_dir}",
                    f"trainer.epochs={EPOCHS[architecture]}", "trainer.verbose=0",
                    f"mlflow.tracking_uri=sqlite:///{store}",
-                   "+callbacks.zz_timer._target_=benchmarks.common.EpochTimer"])
-    train(cfg)
+                   "+callbacks.zz_timer._target_=benchmarks.common.EpochTimer"]))
     return Throughput.of_epochs(TRAIN_EXAMPLES)
 
 

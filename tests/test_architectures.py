@@ -15,7 +15,7 @@ from conftest import REPO, compose_config
 
 from architectures import InputSpec
 from architectures.common import nested_layers
-from pipeline import tracking
+from pipeline import registry
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.train import build_model, compile_args
@@ -186,7 +186,7 @@ def test_logged_saved_model_reloads_with_plain_tensorflow(name: str, tmp_path: P
     spec = specs_for(name)[0]
     model = build(name, spec)
     with mlflow.start_run():
-        info = tracking.log_saved_model(model, spec, registered_model_name=None)
+        info = registry.log_saved_model(model, spec, registered_model_name=None)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
     saved_model = next(p.parent for p in local.rglob("saved_model.pb"))
     loaded = tf.saved_model.load(str(saved_model))  # keep it: `serve` alone does not own the variables

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import REPO, compose_config
+from conftest import REPO, compose_plan
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
@@ -127,7 +127,7 @@ def test_the_table_covers_every_config_group() -> None:
 
 @pytest.fixture
 def finished_run(workdir: Path, tfds_dir: str) -> str:
-    train(compose_config([f"dataset.data_dir={tfds_dir}", "trainer.epochs=2", "trainer.verbose=0"]))
+    train(compose_plan([f"dataset.data_dir={tfds_dir}", "trainer.epochs=2", "trainer.verbose=0"]))
     (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("digits").experiment_id])
     return run.info.run_id
 
