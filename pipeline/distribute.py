@@ -10,11 +10,10 @@
   with every wait bounded by `timeout_seconds` (cluster start-up, each collective, a
   lost peer's heartbeat), so a worker that never arrives or dies ends the others.
 
-The train step (`pipeline.guarded`) all-reduces the gradients once, here
-(`all_reduce_gradients`), computes the global gradient norm and the apply/skip decision
-from them (the same on every replica), and the optimizer applies them without
-all-reducing again (`skip_optimizer_all_reduce`). Only the chief logs to MLflow and
-exports; the other workers write their checkpoints to a temporary directory they delete.
+The multi-worker strategy's bounded start-up is `pipeline.multi_worker`'s; the train
+step (`pipeline.guarded`) synchronizes its replicas with `pipeline.cross_replica`. Only
+the chief logs to MLflow and exports; the other workers write their checkpoints to a
+temporary directory they delete.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import TYPE_CHECKING, Any
 
+from pipeline import multi_worker
 from pipeline.errors import ConfigError, PipelineError, one_line
 
 if TYPE_CHECKING:
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("none", "mirrored", "multi_worker")
-_timeout_seconds = 0.0  # of the multi-worker strategy, for error messages
 
 
 # -- validation: pure Python, before TensorFlow starts --------------------------------
@@ -125,7 +123,7 @@ def strategy_for(cfg: Any) -> tf.distribute.Strategy:
     elif kind == "mirrored":
         strategy = tf.distribute.MirroredStrategy(devices=_mirrored_devices(cfg.get("logical_cpus")))
     else:
-        strategy = _multi_worker(float(cfg.timeout_seconds))
+        strategy = multi_worker.strategy(cluster_spec(), float(cfg.timeout_seconds))
     if kind != "none":
         log.info("distribution: %s, %d replica(s) on %s", kind, strategy.num_replicas_in_sync,
                  ", ".join(strategy.extended.worker_devices))
@@ -159,72 +157,6 @@ def _mirrored_devices(logical_cpus: int | None) -> list[str] | None:
     return [f"/cpu:{i}" for i in range(logical_cpus)]
 
 
-def _multi_worker(timeout_seconds: float) -> tf.distribute.Strategy:
-    """MultiWorkerMirroredStrategy from TF_CONFIG, with no unbounded wait."""
-    import tensorflow as tf
-    from tensorflow.python.distribute import multi_worker_util
-    from tensorflow.python.eager import context
-
-    from pipeline import keras_multiworker_fix
-
-    global _timeout_seconds
-    config = cluster_spec()
-    keras_multiworker_fix.apply()
-    _timeout_seconds = timeout_seconds
-    milliseconds = int(timeout_seconds * 1000)
-    if context.context().coordination_service is None:
-        # The coordination service (what MultiWorkerMirroredStrategy sets up itself, with
-        # no timeouts): a worker that never registers, or stops sending heartbeats, fails
-        # the others after `timeout_seconds` instead of never.
-        cluster = tf.train.ClusterSpec(config["cluster"])
-        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-
-        context.context().configure_coordination_service(
-            service_type="standalone",
-            service_leader=multi_worker_util.coordination_leader(cluster),
-            cluster_register_timeout_in_ms=milliseconds,
-            heartbeat_timeout_in_ms=milliseconds,
-            shutdown_barrier_timeout_in_ms=milliseconds,
-            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job))
-                              for job in ("chief", "worker") if job in cluster.jobs],
-        )
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
-    addresses = ", ".join(a for job in config["cluster"].values() for a in job)
-    # TensorFlow's start-up barrier (`context.ensure_initialized`) does not honour the
-    # timeouts above when a worker never arrives, and it holds the GIL, so no Python
-    # thread or signal handler can act: a separate watchdog process says so and ends this
-    # one past the timeout. No MLflow run is open yet, so nothing is left behind.
-    watchdog = _watchdog(timeout_seconds, f"error: distribution=multi_worker: the cluster ({addresses}) did not "
-                         f"come together within distribution.timeout_seconds={timeout_seconds:g}: is every worker "
-                         "started, with the same TF_CONFIG cluster and its own task index?")
-    try:
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    except RuntimeError as error:
-        if "initialized" in str(error) or "startup" in str(error):
-            raise ConfigError("distribution=multi_worker must be set up before TensorFlow starts: run it in a "
-                              "new process (python -m pipeline.train distribution=multi_worker)") from None
-        raise
-    except tf.errors.OpError as error:  # a worker never arrived, or the cluster spec points nowhere
-        _exit_if_stuck()
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise PipelineError(f"distribution=multi_worker: the cluster ({addresses}) did not come together within "
-                            f"distribution.timeout_seconds={timeout_seconds:g}: {first[:300]}") from None
-    finally:
-        watchdog.kill()
-        watchdog.wait()
-
-
-def _watchdog(seconds: float, message: str):
-    """A process that, unless killed first, prints `message` to stderr and SIGKILLs
-    this process after `seconds`."""
-    import subprocess
-
-    script = ("import os, signal, sys, time; time.sleep(float(sys.argv[1])); "
-              "print(sys.argv[2], file=sys.stderr, flush=True); os.kill(int(sys.argv[3]), signal.SIGKILL)")
-    return subprocess.Popen([sys.executable, "-c", script, str(seconds), message, str(os.getpid())],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-
-
 def explained(error: BaseException, strategy: tf.distribute.Strategy) -> BaseException:
     """`error`, or, if it is a multi-worker peer failure (a worker died, is unreachable or
     did not answer within `distribution.timeout_seconds`), a one-line `PipelineError`
@@ -237,7 +169,7 @@ def explained(error: BaseException, strategy: tf.distribute.Strategy) -> BaseExc
         return error
     import mlflow
 
-    _exit_if_stuck()
+    multi_worker.exit_if_stuck()
     lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines() if line.strip()]
     reason = next((line for line in lines if "abort" in line.lower() or "connect" in line.lower()), lines[0] if lines
                   else type(error).__name__)
@@ -245,20 +177,10 @@ def explained(error: BaseException, strategy: tf.distribute.Strategy) -> BaseExc
     run_id = run.info.run_id if run is not None else "<the chief's run id>"
     return PipelineError(
         f"multi-worker training stopped on {task_name(strategy)}: a worker died, is unreachable or did not answer "
-        f"within distribution.timeout_seconds={_timeout_seconds:g} ({type(error).__name__}: {reason[:300]}). "
+        f"within distribution.timeout_seconds={multi_worker.configured_timeout():g} "
+        f"({type(error).__name__}: {reason[:300]}). "
         f"Resume from the last checkpoint on every worker with: python -m pipeline.train resume={run_id} "
         "distribution=multi_worker")
-
-
-def _exit_if_stuck(exit_code: int = 1) -> None:
-    """After a peer failure, TensorFlow's gRPC server can keep the interpreter from
-    exiting ("Servers don't support clean shutdown"): end the process anyway once the
-    error has had `timeout_seconds` (at least 30 s) to be reported and the run closed."""
-    import threading
-
-    timer = threading.Timer(max(30.0, _timeout_seconds), os._exit, args=(exit_code,))
-    timer.daemon = True
-    timer.start()
 
 
 def num_replicas(strategy: tf.distribute.Strategy) -> int:
@@ -338,74 +260,3 @@ def synchronize_batch_norm(model: keras.Model, strategy: tf.distribute.Strategy)
     if changed:
         log.info("BatchNormalization synchronized across %d replicas: %s", num_replicas(strategy), changed)
     return changed
-
-
-def in_replica_step() -> bool:
-    """True inside `strategy.run` with more than one replica in sync."""
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    return context is not None and context.num_replicas_in_sync > 1
-
-
-def cond(pred, true_fn, false_fn, args: tuple = ()):
-    """`tf.cond(pred, true_fn(*args), false_fn(*args))`, also where a branch synchronizes
-    replicas (an all-reduce, `optimizer.apply`), which tf.distribute forbids inside a
-    replica's control flow. Under a strategy with more than one replica, the cond runs
-    in cross-replica context on the first replica's `pred` (every replica computes the
-    same one, from all-reduced values) and each branch runs on every replica with its
-    own `args`, as Keras' LossScaleOptimizer does. Branches must not capture
-    replica-local tensors: pass them in `args`. Returns the branch's value on one device,
-    None under a strategy."""
-    import tensorflow as tf
-
-    if not in_replica_step():
-        return tf.cond(pred, lambda: true_fn(*args), lambda: false_fn(*args))
-
-    def across_replicas(strategy, pred, *args):
-        def on_every_replica(fn):
-            def branch():
-                strategy.extended.call_for_each_replica(fn, args=args)
-                return tf.constant(True)
-            return branch
-
-        tf.cond(strategy.experimental_local_results(pred)[0], on_every_replica(true_fn), on_every_replica(false_fn))
-
-    tf.distribute.get_replica_context().merge_call(across_replicas, args=(pred, *args))
-    return None
-
-
-def all_reduce_gradients(gradients: list, loss, optimizer: keras.optimizers.Optimizer):
-    """In a replica step: the gradients and the loss summed over every replica (Keras
-    divides each replica's loss by the number of replicas, so the sums are the global
-    batch's mean loss and its gradient, as on one device), and `optimizer` set to apply
-    gradients without summing them again. Elsewhere: unchanged.
-
-    One all-reduce of the gradients per step, as stock Keras does; the optimizer's
-    clipping (`global_clipnorm`) then sees the global gradient, as on one device.
-    """
-    if not in_replica_step():
-        return gradients, loss
-    import tensorflow as tf
-
-    skip_optimizer_all_reduce(optimizer)  # at trace time; the same for every replica
-
-    context = tf.distribute.get_replica_context()
-    present = [g for g in gradients if g is not None]
-    reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, [*present, tf.cast(loss, tf.float32)]))
-    gradients = [None if g is None else next(reduced) for g in gradients]
-    return gradients, next(reduced)
-
-
-def skip_optimizer_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
-    """Make `optimizer` apply gradients as given, without summing them over replicas:
-    the train step has already done so (`all_reduce_gradients`). Keras 3.15's TensorFlow
-    optimizer has no public switch (Keras 2's `experimental_aggregate_gradients`), so
-    the per-instance override replaces `TFOptimizer._all_reduce_sum_gradients`."""
-    for target in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-        if target is None:
-            continue
-        if not hasattr(target, "_all_reduce_sum_gradients"):
-            raise RuntimeError(f"keras {__import__('keras').__version__}: {type(target).__name__} has no "
-                               "_all_reduce_sum_gradients to skip; pipeline/distribute.py needs updating")
-        target._all_reduce_sum_gradients = list  # (gradient, variable) pairs, unchanged

@@ -28,7 +28,7 @@ import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 from keras.src.losses import loss as keras_loss  # Keras' own train step uses it: same semantics
 
-from pipeline import distribute
+from pipeline import cross_replica
 from pipeline.train_state import ABOVE_THRESHOLD, NON_FINITE, TrainState
 
 if TYPE_CHECKING:
@@ -142,7 +142,8 @@ class GuardedModel(keras.Model):
             return tf.constant(False)
 
         # tf.cond; under a strategy, taken across replicas, since the step all-reduces.
-        distribute.cond(state.skip_batches > 0, pass_over, lambda data: self._guarded_step(data, state), args=(data,))
+        cross_replica.cond(state.skip_batches > 0, pass_over, lambda data: self._guarded_step(data, state),
+                           args=(data,))
         state.batch.assign_add(1)
         state.global_batch.assign_add(1)
         return self.get_metrics_result()
@@ -158,7 +159,7 @@ class GuardedModel(keras.Model):
         # Under a strategy: summed over replicas once, here, so the norm is the global
         # one and every replica takes the same apply/skip branch; the optimizer is told
         # to apply them as they are, without summing them again.
-        gradients, global_loss = distribute.all_reduce_gradients(gradients, loss, self.optimizer)
+        gradients, global_loss = cross_replica.all_reduce_gradients(gradients, loss, self.optimizer)
 
         guard = self.guard
         if guard is None:  # the plain Keras step: nothing measured, every update applied
@@ -191,7 +192,7 @@ class GuardedModel(keras.Model):
             state.last_layer_norms.assign(tf.where(counted, layer_norms, state.last_layer_norms))
 
         # Replica-local values are arguments, not captured: under a strategy each replica's
-        # own are passed in (pipeline.distribute.cond).
+        # own are passed in (pipeline.cross_replica.cond).
         def apply(x, y, y_pred, sample_weight, loss, gradients) -> tf.Tensor:
             batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
             self._loss_tracker.update_state(keras_loss.unscale_loss_for_distribution(loss), sample_weight=batch_size)
@@ -199,8 +200,8 @@ class GuardedModel(keras.Model):
             self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
             return tf.constant(True)
 
-        return distribute.cond(ok, apply, lambda *_: tf.constant(False),
-                               args=(x, y, y_pred, sample_weight, loss, gradients))
+        return cross_replica.cond(ok, apply, lambda *_: tf.constant(False),
+                                  args=(x, y, y_pred, sample_weight, loss, gradients))
 
     def _norms(self, gradients) -> tuple[tf.Tensor, tf.Tensor]:
         """(per-layer norms, global norm) of the true (unscaled) gradients."""

@@ -23,7 +23,7 @@ from conftest import REPO, compose_config, compose_plan
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import distribute, keras_multiworker_fix
+from pipeline import cross_replica, distribute, keras_multiworker_fix
 from pipeline.cluster import free_ports, tf_config
 from pipeline.errors import ConfigError
 from pipeline.train import train
@@ -104,7 +104,7 @@ def test_one_device_changes_nothing() -> None:
     assert distribute.num_replicas(strategy) == 1 and distribute.is_chief(strategy)
     assert distribute.steps_per_execution(16, strategy) == 16
     gradients, loss = [tf.ones([2]), None], tf.constant(3.0)
-    assert distribute.all_reduce_gradients(gradients, loss, keras.optimizers.SGD()) == (gradients, loss)
+    assert cross_replica.all_reduce_gradients(gradients, loss, keras.optimizers.SGD()) == (gradients, loss)
 
 
 # -- mirrored over 2 logical CPUs --------------------------------------------------------
@@ -301,7 +301,7 @@ def test_stock_keras_still_fails_multi_worker(tmp_path: Path) -> None:
     for output in outputs:
         assert "STOCK KERAS FIT OK" not in output, (
             f"keras {keras.__version__} fits under MultiWorkerMirroredStrategy: keras#20585 is fixed, delete "
-            "pipeline/keras_multiworker_fix.py and its use in pipeline/distribute.py")
+            "pipeline/keras_multiworker_fix.py and its use in pipeline/multi_worker.py")
         assert "STOCK KERAS FIT FAILED: Attempt to convert a value (PerReplica" in output, output[-3000:]
 
 
