@@ -16,6 +16,7 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -35,6 +36,35 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def job_output_dir(hydra_node: Any = None) -> Path | None:
+    """The output directory of the job Hydra is running (`outputs/DATE/TIME/`), from
+    `hydra_node` (a config's `hydra` node) or Hydra's globals; None when Hydra composed
+    the config without running a job, or does not run at all. For entry points only."""
+    if hydra_node is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        hydra_node = HydraConfig.get()
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(hydra_node.runtime, "output_dir"):
+        return None
+    return Path(str(hydra_node.runtime.output_dir)).absolute()
+
+
+def job_log_file(hydra_node: Any = None) -> Path | None:
+    """Hydra's log of the job (`<output dir>/<job name>.log`), or None outside a Hydra job."""
+    output_dir = job_output_dir(hydra_node)
+    if output_dir is None:
+        return None
+    if hydra_node is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_node = HydraConfig.get()
+    return output_dir / f"{hydra_node.job.name}.log"
 
 
 def user_wants_tracebacks() -> bool:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import activations, cli
@@ -58,11 +57,13 @@ class InspectConfig:
 ConfigStore.instance().store(name="inspect_schema", node=InspectConfig)
 
 
-def inspect_model(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """Print and plot what every requested layer of `cfg.model` outputs on one batch.
 
     Args:
         cfg: the composed `conf/inspect.yaml`.
+        job_dir: where the figures go unless `cfg.output_dir` says: the Hydra job's
+            output directory, else `./inspect`.
 
     Returns:
         layer name -> `activations.layer_statistics` of its output, in model order.
@@ -91,7 +92,7 @@ def inspect_model(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     inputs, _ = batch
     outputs = probe.predict(inputs, verbose=0)
 
-    output_dir = Path(cfg.output_dir or _job_output_dir() or "inspect")
+    output_dir = Path(cfg.output_dir or job_dir or "inspect")
     statistics = {name: activations.layer_statistics(name, outputs[name]) for name in names}
     examples = len(next(iter(outputs.values())))
     print(f"{cfg.model} on {cfg.dataset.name}[{cfg.split}], {examples} examples:", flush=True)
@@ -162,17 +163,10 @@ def _file_name(layer_name: str) -> str:
     return re.sub(r"[^\w.-]", "_", layer_name.replace("/", "__"))
 
 
-def _job_output_dir() -> str | None:
-    if not HydraConfig.initialized():
-        return None
-    runtime = HydraConfig.get().runtime
-    return None if OmegaConf.is_missing(runtime, "output_dir") else runtime.output_dir
-
-
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="inspect")
 @cli.task
 def main(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    return inspect_model(cfg)
+    return inspect_model(cfg, cli.job_output_dir())
 
 
 def cli_main() -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import distribute, recovery
+from pipeline import cli, distribute, recovery
 from pipeline.config import validate
 from pipeline.recovery import Resume
 
@@ -135,13 +135,9 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
 
 
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
-    runtime = hydra_node.runtime
-    output_dir = log_file = None
-    if not OmegaConf.is_missing(runtime, "output_dir"):  # composed, not run, by Hydra
-        output_dir = Path(runtime.output_dir).absolute()
-        log_file = output_dir / f"{hydra_node.job.name}.log"
-    return resolve(cfg, choices=dict(runtime.choices), overrides=list(hydra_node.overrides.task),
-                   output_dir=output_dir, log_file=log_file, sweep=sweep_job())
+    return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=list(hydra_node.overrides.task),
+                   output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
+                   sweep=sweep_job())
 
 
 def sweep_job() -> SweepJob | None:

@@ -232,8 +232,8 @@ class SweepRuns(Callback):
             tags = {**job.tags, "mlflow.parentRunId": self.parent_run_id}
             child = _retry(lambda: client.create_run(self._job_experiment(client, config), run_name=job.run_name,
                                                      tags=tags))
-            log_file = Path(str(config.hydra.runtime.output_dir)) / f"{config.hydra.job.name}.log"
-            if log_file.is_file():
+            log_file = cli.job_log_file(config.hydra)
+            if log_file is not None and log_file.is_file():
                 _retry(lambda: client.log_artifact(child.info.run_id, str(log_file)))
         _retry(lambda: client.set_tag(child.info.run_id, "failure_reason", one_line(reason, 5000)))
         _retry(lambda: client.set_terminated(child.info.run_id, "FAILED"))
