@@ -32,12 +32,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import data, precision  # noqa: E402
+from pipeline import data  # noqa: E402
 from pipeline.config import compose  # noqa: E402
-from pipeline.guarded import GuardedModel, TrainProgress  # noqa: E402
-from pipeline.optim import Adam  # noqa: E402
 from pipeline.train import build_model  # noqa: E402
-from pipeline.train_state import StepGuard  # noqa: E402
+from pipeline.training import precision
+from pipeline.training.guarded import GuardedModel, TrainProgress  # noqa: E402
+from pipeline.training.optim import Adam  # noqa: E402
+from pipeline.training.train_state import StepGuard  # noqa: E402
 
 
 def splits_for(data_dir: str):

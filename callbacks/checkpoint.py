@@ -3,7 +3,7 @@
 `Checkpointing` saves, every `every_n_steps` steps and at each epoch's end, everything
 a resume needs to continue as if nothing happened: the model's variables (BatchNorm
 statistics and dropout seed state included), the optimizer (with its step counter),
-the data position (`pipeline.train_state.TrainState`), the epoch's metric accumulators,
+the data position (`pipeline.training.train_state.TrainState`), the epoch's metric accumulators,
 and the state of callbacks that have one (early stopping, the gradient-norm guard's
 learning-rate backoff).
 
@@ -16,7 +16,7 @@ from training. TensorFlow writes a checkpoint's files under a temporary name; th
 `checkpoint` index file moves to it with an atomic rename, so a kill mid-write leaves
 the previous checkpoint as the latest. A checkpoint that is nonetheless unreadable (e.g. a
 truncated file) is skipped, with a warning, in favour of the one before it. The files on
-disk and their index are `pipeline.checkpoint_store`'s.
+disk and their index are `pipeline.training.checkpoint_store`'s.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline.checkpoint_store import NumberedCheckpoints, by_path, latest_readable, read_all
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
+from pipeline.training.checkpoint_store import NumberedCheckpoints, by_path, latest_readable, read_all
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """React to the train step's gradient-norm and finite-value checks, and report them.
 
-The checks themselves run inside the compiled train step (`pipeline.guarded`); this
+The checks themselves run inside the compiled train step (`pipeline.training.guarded`); this
 callback only reads their result between executions: one scalar read per execution,
 never a per-step sync. It overrides `on_train_batch_begin` only, which Keras calls
 synchronously without turning off its asynchronous batch-end path.
@@ -18,9 +18,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import diagnose
 from pipeline.errors import DivergenceError
-from pipeline.train_state import NON_FINITE, StepGuard, TrainState
+from pipeline.training import diagnose
+from pipeline.training.train_state import NON_FINITE, StepGuard, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class GradNormGuard(keras.callbacks.Callback):
         self.rollback_window = rollback_window
         self.step_guard = StepGuard(threshold=self.threshold, drop_bad_steps=action != "warn",
                                     halt_on_bad_step=action in ("stop", "rollback"))
-        # Multiplies the learning rate; the optimizer is built with it (pipeline.optim).
+        # Multiplies the learning rate; the optimizer is built with it (pipeline.training.optim).
         self.lr_scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
         self.rollback_count = tf.Variable(0, trainable=False, dtype=tf.int64, name="rollbacks")
         # Wired by the pipeline: rebuilds a training batch for the diagnosis, and

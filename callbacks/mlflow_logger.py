@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from architectures.common import nested_layers
 from pipeline.errors import one_line
-from pipeline.optim import current_learning_rate
+from pipeline.training.optim import current_learning_rate
 
 log = logging.getLogger(__name__)
 

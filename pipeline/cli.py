@@ -96,7 +96,7 @@ class JobFailure:
     """What a failed job of a multirun returns to Hydra instead of raising.
 
     Raising would stop the sweep: Hydra's basic sweeper re-raises a failed job's error
-    once its batch ends, so later batches and `on_multirun_end` (where `pipeline.sweep`
+    once its batch ends, so later batches and `on_multirun_end` (where `pipeline.tracking.sweep`
     closes the parent run and sets the exit code) would never run. It is not a float,
     so the Optuna sweeper records the trial as failed.
     """

@@ -20,8 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline import distribute
 from pipeline.errors import ConfigError
+from pipeline.training import distribute
 
 # "mixed" picks mixed_float16 (with loss scaling) on a GPU and mixed_bfloat16 otherwise.
 PRECISION_POLICIES = ("float32", "mixed", "mixed_bfloat16", "mixed_float16")
@@ -135,7 +135,7 @@ class TrainConfig:
     # name -> `_target_` config of a Keras callback; null drops one.
     callbacks: Dict[str, Any] = field(default_factory=dict)
     mlflow: MLflowConfig = MISSING
-    # none | mirrored | multi_worker (conf/distribution/, pipeline/distribute.py)
+    # none | mirrored | multi_worker (conf/distribution/, pipeline/training/distribute.py)
     distribution: DistributionConfig = MISSING
     # debug=smoke|overfit|limit (conf/debug/) shrinks the data; null trains normally.
     debug: Optional[DebugConfig] = None

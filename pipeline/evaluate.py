@@ -123,7 +123,8 @@ def log_evaluation_run(
     """
     import mlflow
 
-    from pipeline import plots, tracking
+    from pipeline import tracking
+    from pipeline.figures import plots
 
     experiment_id = tracking.connect(cfg.mlflow)
     tags = {"evaluation": "true", "model_uri": cfg.model, "dataset": cfg.dataset.name}

@@ -26,10 +26,10 @@ from omegaconf import DictConfig
 from callbacks.checkpoint import Checkpointing
 from callbacks.grad_norm import GradNormGuard
 from callbacks.mlflow_logger import MLflowEpochLogger
-from pipeline import distribute
 from pipeline.errors import ConfigError
-from pipeline.guarded import GuardedModel, TrainProgress
 from pipeline.plan import RunPlan
+from pipeline.training import distribute
+from pipeline.training.guarded import GuardedModel, TrainProgress
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:

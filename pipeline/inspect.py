@@ -4,7 +4,7 @@
     python -m pipeline.inspect model=runs:/RUN_ID layers=[dense_1,dense_2] split='train[:10%]' examples=64
     python -m pipeline.inspect model=path/to/model.keras output_dir=inspect/
 
-The tutorial's intermediate-model technique (`pipeline.activations`): a `keras.Model`
+The tutorial's intermediate-model technique (`pipeline.figures.activations`): a `keras.Model`
 from the model's inputs to the chosen layers' outputs, sharing their weights, run on
 `examples` raw inputs of the dataset split. Prints per layer the output shape, dtype,
 mean, std, min, max, fraction of zeros and count of non-finite values, and saves one
@@ -28,9 +28,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline import activations, cli
+from pipeline import cli
 from pipeline.config import DatasetConfig, MLflowConfig
 from pipeline.errors import ConfigError, DatasetError, PipelineError, one_line
+from pipeline.figures import activations
 
 if TYPE_CHECKING:
     import keras
@@ -75,7 +76,8 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
     import mlflow
     import tensorflow_datasets as tfds
 
-    from pipeline import data, plots, tracking
+    from pipeline import data, tracking
+    from pipeline.figures import plots
 
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow.tracking_uri))
     model = load_keras_model(cfg.model)

@@ -20,7 +20,6 @@ import atexit
 import copy
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,26 +28,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import cli, distribute, recovery
+from pipeline import cli, recovery
 from pipeline.config import validate
 from pipeline.recovery import Resume
+from pipeline.tracking import sweep
+from pipeline.tracking.sweep import SweepJob
+from pipeline.training import distribute
 
 log = logging.getLogger(__name__)
-
-# How a sweep job's process learns its parent run and its name: JSON
-# {"parent_run_id", "run_name", "tags"}, set by `pipeline.sweep.SweepRuns.on_job_start`.
-SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
-
-
-@dataclass(frozen=True)
-class SweepJob:
-    """This job's place in a Hydra sweep: its run is a child of `parent_run_id`, named
-    by the job's swept overrides (e.g. `architecture=mlp optimizer.lr=0.001`)."""
-
-    parent_run_id: str
-    run_name: str
-    tags: Mapping[str, str]
-
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -137,19 +124,7 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
     return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=list(hydra_node.overrides.task),
                    output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
-                   sweep=sweep_job())
-
-
-def sweep_job() -> SweepJob | None:
-    """The sweep job this process runs (set by `pipeline.sweep.SweepRuns.on_job_start`),
-    or None outside a sweep."""
-    import json
-
-    raw = os.environ.get(SWEEP_JOB_ENV)
-    if not raw:
-        return None
-    job = json.loads(raw)
-    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"])
+                   sweep=sweep.current_job())
 
 
 def resolve(

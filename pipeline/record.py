@@ -15,10 +15,12 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_logger import metric_key
-from pipeline import debug, provenance, registry, report, tracking
+from pipeline import tracking
 from pipeline.errors import PipelineError, one_line
 from pipeline.fit_callbacks import FitCallbacks
 from pipeline.plan import RunPlan
+from pipeline.tracking import provenance, registry, report
+from pipeline.training import debug
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import keras
 
     from architectures import InputSpec
-    from pipeline.guarded import GuardedModel
+    from pipeline.training.guarded import GuardedModel
 
 log = logging.getLogger("pipeline.train")
 
@@ -48,8 +48,9 @@ def train(plan: RunPlan) -> dict[str, float]:
     # TensorFlow is imported once the plan is valid: a config mistake costs a second.
     import keras
 
-    from pipeline import data, debug, distribute, precision, record
+    from pipeline import data, record
     from pipeline.fit_callbacks import FitCallbacks
+    from pipeline.training import debug, distribute, precision
 
     cfg = plan.cfg
     # Before TensorFlow creates any tensor: logical CPUs and multi-worker collectives
@@ -95,8 +96,9 @@ def compile_guarded(plan: RunPlan, model: keras.Model, splits, guard, strategy) 
     """`model` inside a `GuardedModel` (the gradient-norm and finite checks run in its
     train step), compiled as configured, with its metrics and train state built so that
     checkpoints can hold them before `fit`."""
-    from pipeline import data, distribute
-    from pipeline.guarded import GuardedModel
+    from pipeline import data
+    from pipeline.training import distribute
+    from pipeline.training.guarded import GuardedModel
 
     cfg = plan.cfg
     guarded = GuardedModel(model, guard.step_guard if guard else None, epoch=splits.epoch,
@@ -132,7 +134,7 @@ def build_model(cfg: DictConfig, input_spec: InputSpec, architecture: str | None
 def build_optimizer(cfg: DictConfig, steps_per_epoch: int, lr_scale=None,
                     name: str | None = None) -> keras.optimizers.Optimizer:
     """The configured optimizer; a value Keras refuses is a config error, not a traceback."""
-    from pipeline import optim
+    from pipeline.training import optim
 
     try:
         return optim.build(cfg.optimizer, steps_per_epoch, cfg.trainer.epochs, lr_scale)

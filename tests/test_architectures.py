@@ -15,9 +15,9 @@ from conftest import REPO, compose_config
 
 from architectures import InputSpec
 from architectures.common import nested_layers
-from pipeline import registry
 from pipeline.config import validate
 from pipeline.errors import ConfigError
+from pipeline.tracking import registry
 from pipeline.train import build_model, compile_args
 
 DIGITS = InputSpec(shape=(8, 8, 1), dtype="uint8", num_classes=10)

@@ -1,4 +1,4 @@
-"""tf.distribute (`distribution=mirrored|multi_worker`, pipeline/distribute.py) with real
+"""tf.distribute (`distribution=mirrored|multi_worker`, pipeline/training/distribute.py) with real
 TensorFlow processes: logical CPUs must be configured before TensorFlow initialises its
 devices and each multi-worker task is its own process, so those runs are subprocesses.
 """
@@ -23,10 +23,10 @@ from conftest import REPO, compose_config, compose_plan
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import cross_replica, distribute, keras_multiworker_fix
 from pipeline.cluster import free_ports, tf_config
 from pipeline.errors import ConfigError
 from pipeline.train import train
+from pipeline.training import cross_replica, distribute, keras_multiworker_fix
 
 TESTS = Path(__file__).resolve().parent
 # Small and exact: no Dropout (its masks differ per replica), one step per execution,
@@ -113,7 +113,7 @@ MIRRORED = textwrap.dedent(
     import json, sys
     from pipeline.plan import compose
     from pipeline.train import train
-    from pipeline import distribute
+    from pipeline.training import distribute
     metrics = train(compose(sys.argv[1:]))
     # The BatchNorm conversion, on the strategy the run used.
     import keras
@@ -283,7 +283,7 @@ STOCK_KERAS_MULTI_WORKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_stock_keras_still_fails_multi_worker(tmp_path: Path) -> None:
-    """Fails once Keras fixes keras#20585: then delete pipeline/keras_multiworker_fix.py."""
+    """Fails once Keras fixes keras#20585: then delete pipeline/training/keras_multiworker_fix.py."""
     assert keras_multiworker_fix.needed(), f"keras {keras.__version__} is newer than the fix was checked for"
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
     workers = [subprocess.Popen([sys.executable, "-c", STOCK_KERAS_MULTI_WORKER], cwd=tmp_path,
@@ -301,7 +301,7 @@ def test_stock_keras_still_fails_multi_worker(tmp_path: Path) -> None:
     for output in outputs:
         assert "STOCK KERAS FIT OK" not in output, (
             f"keras {keras.__version__} fits under MultiWorkerMirroredStrategy: keras#20585 is fixed, delete "
-            "pipeline/keras_multiworker_fix.py and its use in pipeline/multi_worker.py")
+            "pipeline/training/keras_multiworker_fix.py and its use in pipeline/training/multi_worker.py")
         assert "STOCK KERAS FIT FAILED: Attempt to convert a value (PerReplica" in output, output[-3000:]
 
 

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from pipeline import data
-from pipeline.guarded import GuardedModel, TrainProgress
-from pipeline.train_state import StepGuard
+from pipeline.training.guarded import GuardedModel, TrainProgress
+from pipeline.training.train_state import StepGuard
 
 STEPS_PER_EPOCH = 5  # 4 steps per execution do not divide it: executions of 4 and 1
 

@@ -14,8 +14,8 @@ from conftest import compose_config, run_module
 from mlflow.tracking import MlflowClient
 
 from architectures import InputSpec, ensemble, mlp, subclassed
-from pipeline.activations import intermediate_model, layer_names, layer_statistics
 from pipeline.errors import ConfigError
+from pipeline.figures.activations import intermediate_model, layer_names, layer_statistics
 from pipeline.inspect import inspect_model, load_keras_model
 
 DIGITS = InputSpec(shape=(8, 8, 1), dtype="uint8", num_classes=10)

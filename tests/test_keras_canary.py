@@ -1,6 +1,6 @@
 """Canaries for the Keras internals the pipeline's train step copies or calls.
 
-`GuardedModel` (pipeline/guarded.py) is Keras 3.15's `TensorFlowTrainer.train_step`
+`GuardedModel` (pipeline/training/guarded.py) is Keras 3.15's `TensorFlowTrainer.train_step`
 and train function with additions, and it calls two `keras.src` helpers by name.
 pyproject.toml pins Keras to the minor version these were read from; a Keras that
 changes any of them fails here, naming the function, the copy and what to re-check,
@@ -9,7 +9,7 @@ instead of training subtly differently. Like
 keras#20585, this says when our copy has to be looked at again.
 
 Each definition is hashed as Keras's source file has it (not the live attribute,
-which `pipeline.keras_multiworker_fix` may have replaced), normalised with `ast`:
+which `pipeline.training.keras_multiworker_fix` may have replaced), normalised with `ast`:
 docstrings, comments and formatting do not count.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import keras
 import pytest
 
-from pipeline.guarded import GuardedModel
+from pipeline.training.guarded import GuardedModel
 
 # The Keras release the copies were made from; its sources are at
 # https://github.com/keras-team/keras/blob/v3.15.1/keras/src/backend/tensorflow/trainer.py
@@ -49,7 +49,7 @@ KERAS_INTERNALS = {
     ),
     ("keras.src.backend.tensorflow.trainer", "reduce_per_replica"): (
         "5fd739f8492922de29e51038fd987edcb0589b1e5710eac534b7e93bd2c1d780",
-        "GuardedModel.make_train_function (calls it by name; pipeline/keras_multiworker_fix.py wraps it)",
+        "GuardedModel.make_train_function (calls it by name; pipeline/training/keras_multiworker_fix.py wraps it)",
         "check its arguments and reductions are what the copy of the train function passes and expects",
     ),
     ("keras.src.losses.loss", "unscale_loss_for_distribution"): (

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import optim
 from pipeline.config import compose
+from pipeline.training import optim
 
 
 def trained_weights(optimizer, steps: int = 6) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""pipeline.plots on real inputs: a real Keras History, real schedules, a real model."""
+"""pipeline.figures.plots on real inputs: a real Keras History, real schedules, a real model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from architectures import InputSpec, mlp
-from pipeline import activations, learning_rates, plots
+from pipeline.figures import activations, learning_rates, plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -167,11 +167,11 @@ def test_architecture_diagram_without_graphviz_warns_once(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` on it
     monkeypatch.setattr(plots, "_missing_graphviz_reported", False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.plots"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.figures.plots"):
         assert plots.architecture_diagram(tiny_model, tmp_path / "a.png") is None
         assert plots.architecture_diagram(tiny_model, tmp_path / "b.png") is None
     assert not (tmp_path / "a.png").exists()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.plots"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.figures.plots"]
     assert warnings == ["architecture diagrams skipped: Graphviz's `dot` program (`apt-get install graphviz`) "
                         "missing"]
 

@@ -1,4 +1,4 @@
-"""pipeline.provenance and the run naming in pipeline.tracking, against real git
+"""pipeline.tracking.provenance and the run naming in pipeline.tracking, against real git
 repositories, a real MLflow store and MLflow's own system-metrics monitor."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import tensorflow as tf
 from conftest import REPO, compose_config
 from mlflow.tracking import MlflowClient
 
-from pipeline import provenance, tracking
+from pipeline import tracking
+from pipeline.tracking import provenance
 
 HEX40 = re.compile(r"[0-9a-f]{40}")
 SAMPLING_VARIABLES = ("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING",

@@ -1,4 +1,4 @@
-"""pipeline.report on real models, real data pipelines and a real MLflow store: the PNGs
+"""pipeline.tracking.report on real models, real data pipelines and a real MLflow store: the PNGs
 logged under plots/ and the `.keras` model logged for pipeline.inspect."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from architectures import InputSpec, mlp, multi_io
-from pipeline import data, optim, report
+from pipeline import data
 from pipeline.inspect import load_keras_model
+from pipeline.tracking import report
+from pipeline.training import optim
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GRAPHVIZ = importlib.util.find_spec("pydot") is not None and shutil.which("dot") is not None
@@ -95,7 +97,7 @@ def test_grad_norm_figure_reads_the_runs_metrics(mlflow_store: str) -> None:
 def test_plots_skip_what_cannot_be_drawn_and_never_raise(trained, mlflow_store: str, caplog) -> None:
     model, optimizer, _, splits = trained
     with mlflow.start_run(experiment_id=MlflowClient().create_experiment("broken")) as run:
-        with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.tracking.report"):
             # An empty history and zero steps are real failures of their plots; no
             # grad_norm metric in the run skips that plot without a warning.
             logged = report.log_training_plots({}, model, optimizer, 0, splits.test, splits.input_spec,
@@ -107,7 +109,7 @@ def test_plots_skip_what_cannot_be_drawn_and_never_raise(trained, mlflow_store: 
     assert not any("gradient norm" in m for m in warnings)
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking.report"):
         assert report.log_training_plots({"loss": [1.0]}, model, optimizer, 10, splits.test, splits.input_spec,
                                          "0" * 32) == []
     assert any(m.startswith("plots not logged to run 00000") for m in caplog.messages), caplog.messages
@@ -162,7 +164,7 @@ def test_keras_model_reloads_and_predicts_the_same(trained, mlflow_store: str, t
 
 def test_keras_model_failure_is_a_warning(mlflow_store: str, caplog) -> None:
     model = mlp.build(InputSpec(shape=(8, 8, 1)), hidden_units=[4])
-    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking.report"):
         assert report.log_keras_model(model, run_id="0" * 32) is None
     assert any(m.startswith("keras/model.keras not logged") for m in caplog.messages), caplog.messages
 
@@ -200,7 +202,7 @@ def test_learning_rate_plot_of_the_pipelines_scaled_schedule() -> None:
 
     from omegaconf import OmegaConf
 
-    from pipeline import plots
+    from pipeline.figures import plots
 
     cfg = OmegaConf.create({"_target_": "keras.optimizers.Adam", "lr": 1e-3, "schedule": "cosine",
                             "warmup_epochs": 1, "min_lr_ratio": 0.0, "global_clipnorm": None})

@@ -18,8 +18,8 @@ from conftest import REPO, compose_config, compose_plan, run_module
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from pipeline import sweep, sweep_summary
 from pipeline.config import validate
+from pipeline.tracking import sweep, sweep_summary
 
 # Every job of these sweeps trains one epoch, silently, on the session's digits.
 TINY = ("trainer.epochs=1", "trainer.verbose=0")
@@ -72,13 +72,14 @@ def test_optuna_search_space_composes() -> None:
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "final_val_accuracy"
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "architecture.dropout"}
-    assert cfg.hydra.callbacks.sweep._target_ == "pipeline.sweep.SweepRuns"
+    assert cfg.hydra.callbacks.sweep._target_ == "pipeline.tracking.sweep.SweepRuns"
 
 
 def test_debug_modes_shrink_every_split(tfds_dir: str) -> None:
     import tensorflow as tf
 
-    from pipeline import data, debug
+    from pipeline import data
+    from pipeline.training import debug
 
     expected = {  # mode -> (steps per epoch, val batches, test batches); digits: 41/5/12 batches of 32
         "smoke": (3, 3, 3),

@@ -15,7 +15,7 @@ import yaml
 from conftest import SCORE_DIGITS, ModelCapture, compose_plan, reload_without_project
 from mlflow.tracking import MlflowClient
 
-from pipeline.registry import promote_if_better
+from pipeline.tracking.registry import promote_if_better
 from pipeline.train import train
 
 

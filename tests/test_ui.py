@@ -119,7 +119,7 @@ def test_run_page_shows_name_params_and_metrics(visit, server_run: ServerRun) ->
 
 
 def test_run_artifacts_tab_lists_files_and_plots(visit, server_run: ServerRun) -> None:
-    # Every figure pipeline/report.py logs under plots/; architecture.png needs Graphviz, which CI installs.
+    # Every figure pipeline/tracking/report.py logs under plots/; architecture.png needs Graphviz, which CI installs.
     plots = ["learning_curves", "confusion_matrix", "grad_norm", "learning_rate", "architecture"]
     expected = ["config.yaml", "model_summary.txt", "train.log", *(f"plots/{name}.png" for name in plots)]
     with visit("run_artifacts", f"experiments/{server_run.experiment_id}/runs/{server_run.run_id}/artifacts") as page:

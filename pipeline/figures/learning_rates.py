@@ -1,7 +1,7 @@
 """The learning rate of a run at every optimizer step, read from its optimizer or
-schedule without training: what `pipeline.plots.learning_rate_schedule` draws.
+schedule without training: what `pipeline.figures.plots.learning_rate_schedule` draws.
 
-    from pipeline.learning_rates import learning_rates
+    from pipeline.figures.learning_rates import learning_rates
     rates = learning_rates(optimizer, total_steps)          # (total_steps,) float64
 """
 
@@ -19,7 +19,7 @@ def learning_rates(
     optimizer_or_schedule: keras.optimizers.Optimizer | keras.optimizers.schedules.LearningRateSchedule | float,
     total_steps: int,
 ) -> np.ndarray:
-    """The rate at steps 0..total_steps-1 as float64 (what `pipeline.plots.learning_rate_schedule` draws).
+    """The rate at steps 0..total_steps-1 as float64 (what `pipeline.figures.plots.learning_rate_schedule` draws).
 
     Evaluated in one vectorised call when the schedule allows it, else in one traced
     `tf.map_fn` over the steps (schedules that branch on a scalar step, such as

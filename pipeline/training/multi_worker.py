@@ -1,6 +1,6 @@
 """Bring up `tf.distribute.MultiWorkerMirroredStrategy` with no unbounded wait, and end a
 process that a failed peer leaves stuck (`distribution=multi_worker`; chosen by
-`pipeline.distribute.strategy_for`).
+`pipeline.training.distribute.strategy_for`).
 
 TensorFlow's own set-up waits forever for a worker that never arrives, and after a
 peer fails its gRPC server can keep the interpreter from exiting. Here every wait is
@@ -26,12 +26,12 @@ _timeout_seconds = 0.0  # of the multi-worker strategy, for error messages
 
 def strategy(config: dict, timeout_seconds: float) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy from TF_CONFIG (`config`, as
-    `pipeline.distribute.cluster_spec` parsed and checked it), with no unbounded wait."""
+    `pipeline.training.distribute.cluster_spec` parsed and checked it), with no unbounded wait."""
     import tensorflow as tf
     from tensorflow.python.distribute import multi_worker_util
     from tensorflow.python.eager import context
 
-    from pipeline import keras_multiworker_fix
+    from pipeline.training import keras_multiworker_fix
 
     global _timeout_seconds
     keras_multiworker_fix.apply()

@@ -10,8 +10,8 @@
   once, before any job (parallel jobs racing to create a fresh sqlite schema fail), and
   creates the RUNNING parent run, tagged with the sweep dir and overrides.
 - `on_job_start` (the job's process, also a joblib worker): tells the job's plan
-  (`pipeline.plan.sweep_job`) through `$PIPELINE_SWEEP_JOB` to nest the job's run under the parent and to name it by
-  the job's swept overrides (`architecture=mlp optimizer.lr=0.001`).
+  (`current_job`, read by `pipeline.plan`) through `$PIPELINE_SWEEP_JOB` to nest the
+  job's run under the parent and to name it by the job's swept overrides (`architecture=mlp optimizer.lr=0.001`).
 - `on_job_end` (the job's process): a job that failed before opening its run (e.g. a bad
   value in its overrides) still leaves a FAILED child with its `failure_reason`; a job
   that ended with a non-finite optimized metric is marked FAILED too.
@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,9 +42,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import cli, plan, tracking
+from pipeline import cli, tracking
 from pipeline.errors import one_line
-from pipeline.sweep_summary import Summary, metric_vs_params
+from pipeline.tracking.sweep_summary import Summary, metric_vs_params
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,32 @@ log = logging.getLogger(__name__)
 LOCK_RETRIES = 5
 
 T = TypeVar("T")
+
+
+# How a sweep job's process learns its parent run and its name: JSON
+# {"parent_run_id", "run_name", "tags"}, set by `SweepRuns.on_job_start`,
+# read by `current_job` (the job's plan).
+SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """This job's place in a Hydra sweep: its run is a child of `parent_run_id`, named
+    by the job's swept overrides (e.g. `architecture=mlp optimizer.lr=0.001`)."""
+
+    parent_run_id: str
+    run_name: str
+    tags: Mapping[str, str]
+
+
+def current_job() -> SweepJob | None:
+    """The sweep job this process runs (set by `SweepRuns.on_job_start`),
+    or None outside a sweep."""
+    raw = os.environ.get(SWEEP_JOB_ENV)
+    if not raw:
+        return None
+    job = json.loads(raw)
+    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"])
 
 
 class SweepRuns(Callback):
@@ -206,15 +233,15 @@ class SweepRuns(Callback):
         job = str(config.hydra.job.num)
         swept = [o for o in config.hydra.overrides.task if _key(o) in self.swept_keys]
         params = {_key(o): o.partition("=")[2] for o in swept}
-        os.environ[plan.SWEEP_JOB_ENV] = json.dumps({
+        os.environ[SWEEP_JOB_ENV] = json.dumps({
             "parent_run_id": self.parent_run_id,
             "run_name": " ".join(swept) or f"job {job}",
             "tags": {"sweep.job": job, "sweep.params": json.dumps(params)},
         })
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        job = plan.sweep_job()
-        os.environ.pop(plan.SWEEP_JOB_ENV, None)  # the next job in this process is not this one
+        job = current_job()
+        os.environ.pop(SWEEP_JOB_ENV, None)  # the next job in this process is not this one
         if self.parent_run_id is None or job is None:
             return
         reason = failure_of(job_return)

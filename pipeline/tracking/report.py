@@ -1,7 +1,7 @@
 """What a finished training run shows besides numbers: its figures under `plots/` and
 its Keras model as `keras/model.keras` (read by `pipeline.inspect`).
 
-    from pipeline import report
+    from pipeline.tracking import report
     report.log_training_plots(history.history, model, optimizer, total_steps, splits.test,
                               splits.input_spec, run.info.run_id)
     report.log_keras_model(model)
@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from pipeline import plots
+from pipeline.figures import plots
 
 if TYPE_CHECKING:
     import keras

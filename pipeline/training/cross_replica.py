@@ -1,4 +1,4 @@
-"""Synchronizing replicas inside the compiled train step (`pipeline.guarded`), under a
+"""Synchronizing replicas inside the compiled train step (`pipeline.training.guarded`), under a
 tf.distribute strategy with more than one replica; elsewhere each function is the plain
 single-device operation.
 
@@ -84,5 +84,5 @@ def skip_optimizer_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
             continue
         if not hasattr(target, "_all_reduce_sum_gradients"):
             raise RuntimeError(f"keras {__import__('keras').__version__}: {type(target).__name__} has no "
-                               "_all_reduce_sum_gradients to skip; pipeline/cross_replica.py needs updating")
+                               "_all_reduce_sum_gradients to skip; pipeline/training/cross_replica.py needs updating")
         target._all_reduce_sum_gradients = list  # (gradient, variable) pairs, unchanged

@@ -1,4 +1,4 @@
-"""What the train step (`pipeline.guarded.GuardedModel`) shares with the callbacks and
+"""What the train step (`pipeline.training.guarded.GuardedModel`) shares with the callbacks and
 checkpoints around it: the policy it applies to a bad step (`StepGuard`, set by the
 gradient-norm callback) and the variables it keeps (`TrainState`: data position,
 per-epoch gradient statistics and the first bad step), which callbacks read between

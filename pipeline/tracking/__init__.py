@@ -1,5 +1,9 @@
-"""What the pipeline writes to a training run in MLflow, and the one place a run is
-opened and closed. The model export and the registry are `pipeline.registry`.
+"""Everything the pipeline writes to MLflow. The package itself: the connection to the
+store, what a training run records, and the one place a run is opened and closed. Its
+modules: `registry` (the SavedModel export and the champion alias), `provenance` (code,
+command, libraries, data), `report` (figures and the `.keras` file of a run), `sweep`
+and `sweep_summary` (one parent run per Hydra sweep), `serving` (the pyfunc model that
+serves multimodal SavedModels).
 
 The tracking URI is `mlflow.tracking_uri` if set, else `$MLFLOW_TRACKING_URI`, else a
 sqlite store `mlflow.db` in the launch directory (MLflow's own default, no server

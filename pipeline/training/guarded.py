@@ -12,7 +12,7 @@ with three additions, all inside the compiled step, so no step waits for Python:
 - the data position (epoch, batch) and a countdown of batches to pass over, which a
   resume (fast-forward) and a rollback (skip M batches) both use.
 
-State lives in tf.Variables (`TrainState`, in `pipeline.train_state` with `StepGuard`)
+State lives in tf.Variables (`TrainState`, in `pipeline.training.train_state` with `StepGuard`)
 that callbacks read between executions and checkpoints save. With
 `steps_per_execution > 1`, the statistics aggregate across the steps of one execution
 (max norm, any non-finite, count of dropped steps) and the first bad step is recorded,
@@ -28,11 +28,11 @@ import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 from keras.src.losses import loss as keras_loss  # Keras' own train step uses it: same semantics
 
-from pipeline import cross_replica
-from pipeline.train_state import ABOVE_THRESHOLD, NON_FINITE, TrainState
+from pipeline.training import cross_replica
+from pipeline.training.train_state import ABOVE_THRESHOLD, NON_FINITE, TrainState
 
 if TYPE_CHECKING:
-    from pipeline.train_state import StepGuard
+    from pipeline.training.train_state import StepGuard
 
 
 class GuardedModel(keras.Model):
@@ -115,7 +115,7 @@ class GuardedModel(keras.Model):
 
         def one_step(data):
             outputs = strategy.run(self.train_step, args=(data,))
-            # Looked up when traced: `pipeline.keras_multiworker_fix` may have replaced it.
+            # Looked up when traced: `pipeline.training.keras_multiworker_fix` may have replaced it.
             return keras_tf_trainer.reduce_per_replica(outputs, strategy, reduction="auto")
 
         def execution(iterator):
@@ -192,7 +192,7 @@ class GuardedModel(keras.Model):
             state.last_layer_norms.assign(tf.where(counted, layer_norms, state.last_layer_norms))
 
         # Replica-local values are arguments, not captured: under a strategy each replica's
-        # own are passed in (pipeline.cross_replica.cond).
+        # own are passed in (pipeline.training.cross_replica.cond).
         def apply(x, y, y_pred, sample_weight, loss, gradients) -> tf.Tensor:
             batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
             self._loss_tracker.update_state(keras_loss.unscale_loss_for_distribution(loss), sample_weight=batch_size)

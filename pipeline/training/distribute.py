@@ -10,8 +10,8 @@
   with every wait bounded by `timeout_seconds` (cluster start-up, each collective, a
   lost peer's heartbeat), so a worker that never arrives or dies ends the others.
 
-The multi-worker strategy's bounded start-up is `pipeline.multi_worker`'s; the train
-step (`pipeline.guarded`) synchronizes its replicas with `pipeline.cross_replica`. Only
+The multi-worker strategy's bounded start-up is `pipeline.training.multi_worker`'s; the train
+step (`pipeline.training.guarded`) synchronizes its replicas with `pipeline.training.cross_replica`. Only
 the chief logs to MLflow and exports; the other workers write their checkpoints to a
 temporary directory they delete.
 """
@@ -23,8 +23,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from pipeline import multi_worker
 from pipeline.errors import ConfigError, PipelineError, one_line
+from pipeline.training import multi_worker
 
 if TYPE_CHECKING:
     import keras

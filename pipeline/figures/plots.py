@@ -1,13 +1,13 @@
 """Figures of a run: learning curves, confusion matrices, gradient norms, learning-rate
 schedules and the architecture diagram (a layer's activation histogram is drawn by
-`pipeline.activations`, the rates a schedule gives by `pipeline.learning_rates`).
+`pipeline.figures.activations`, the rates a schedule gives by `pipeline.figures.learning_rates`).
 
 Every function returns a `matplotlib.figure.Figure` built with the object-oriented API
 and touches no pyplot state, so it is safe in a training process, a test or a notebook
 (whose backend it leaves alone). Write one with `save(figure, path)` or hand it to
 `mlflow.log_figure(figure, "name.png")`.
 
-    from pipeline import plots
+    from pipeline.figures import plots
     plots.save(plots.learning_curves(history.history), "curves.png")
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.learning_rates import learning_rates, schedule_name, schedule_of
+from pipeline.figures.learning_rates import learning_rates, schedule_name, schedule_of
 
 if TYPE_CHECKING:
     import keras

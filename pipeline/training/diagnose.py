@@ -27,7 +27,7 @@ def non_finite_count(values) -> int:
 
 def first_non_finite_weights(model: keras.Model) -> str | None:
     """The path of the first layer (in model order) holding a non-finite weight."""
-    from pipeline.guarded import layer_path
+    from pipeline.training.guarded import layer_path
 
     for variable in model.weights:
         if np.issubdtype(np.dtype(variable.dtype), np.floating) and non_finite_count(variable.numpy()):
@@ -82,7 +82,7 @@ def _recorded_calls(model: keras.Model) -> Iterator[list[tuple[str, object]]]:
 
 def gradient_report(model: keras.Model, loss_fn, inputs, labels) -> tuple[str | None, dict[str, float]]:
     """(first layer with a non-finite gradient, gradient norm per layer) for one batch."""
-    from pipeline.guarded import layer_path
+    from pipeline.training.guarded import layer_path
 
     with tf.GradientTape() as tape:
         predictions = model(inputs, training=True)

@@ -3,7 +3,7 @@ to the chosen layers' outputs (inside nested sub-models too) sharing its weights
 `layer_statistics` of those outputs on a batch, printed by `format_table`, and an
 `activation_histogram` figure of each.
 
-    from pipeline import activations
+    from pipeline.figures import activations
     probe = activations.intermediate_model(model, ["dense_1"])
     outputs = probe.predict(batch)                          # {"dense_1": (B, units)}
     print(activations.format_table([activations.layer_statistics(n, a) for n, a in outputs.items()]))

@@ -53,7 +53,7 @@ def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_
 
     Single-input models go through `mlflow.keras` (flavors keras + pyfunc). Multimodal
     models are exported here with a dict-input endpoint and served by
-    `pipeline/serving.py` as a pyfunc model from code. Either way, reloading needs
+    `pipeline/tracking/serving.py` as a pyfunc model from code. Either way, reloading needs
     TensorFlow and MLflow only.
 
     No `input_example`: mlflow.keras 3.17 writes it before creating the model directory

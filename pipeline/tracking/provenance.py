@@ -1,7 +1,7 @@
 """Where a run came from: code version, command, library versions, dataset lineage and
 system metrics.
 
-    from pipeline import provenance
+    from pipeline.tracking import provenance
     tags = names.tags | provenance.provenance_tags(overrides)   # git, command, versions
     with tracking.start_run(..., tags, log_system_metrics=provenance.enable_system_metrics()):
         provenance.log_dataset_input("digits", "1.0.0", {"train": 1293, "val": 144, "test": 360})
