@@ -8,8 +8,9 @@ from the run, and the order Keras calls them in.
         guarded.fit(..., callbacks=callbacks.attach(plan, run_id, guarded, splits))
 
 The guard (`callbacks.grad_norm`) acts on a bad step before anything else sees the
-epoch; the epoch logger follows the configured callbacks; the checkpoint comes last,
-once the epoch is logged and early stopping updated.
+epoch; the epoch logger follows the configured callbacks; an Optuna trial's pruning
+reports the logged epoch next (and may stop `fit`); the checkpoint comes last, once
+the epoch is logged and early stopping updated.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from omegaconf import DictConfig
 from callbacks.checkpoint import Checkpointing
 from callbacks.grad_norm import GradNormGuard
 from callbacks.mlflow_logger import MLflowEpochLogger
+from callbacks.optuna_pruning import OptunaPruning
 from pipeline.errors import ConfigError
 from pipeline.plan import RunPlan
+from pipeline.tracking.optuna_trial import monitored_metric
 from pipeline.training import distribute
 from pipeline.training.guarded import GuardedModel, TrainProgress
 
@@ -55,11 +58,14 @@ class FitCallbacks:
         configured: every configured callback, in config order.
         guard: the gradient-norm and finite-value guard, if configured.
         checkpointing: the checkpoint callback, if configured.
+        pruning: reports each epoch to the run's Optuna trial and stops a pruned one
+            (`hparams_search=optuna`, when `optimized_metric` has a per-epoch `val_*` value).
     """
 
     configured: list[keras.callbacks.Callback]
     guard: GradNormGuard | None = None
     checkpointing: Checkpointing | None = None
+    pruning: OptunaPruning | None = None
     epoch_logger: MLflowEpochLogger | None = field(default=None, init=False)
 
     @classmethod
@@ -70,7 +76,9 @@ class FitCallbacks:
         if guard is not None and guard.action == "rollback" and checkpointing is None:
             raise ConfigError("callbacks.grad_norm.action=rollback needs checkpoints to roll back to: "
                               "keep callbacks.checkpoint. Received: callbacks.checkpoint=null")
-        return cls(configured, guard, checkpointing)
+        monitor = monitored_metric(str(plan.cfg.optimized_metric))
+        pruning = OptunaPruning(plan.optuna_trial, monitor) if plan.optuna_trial and monitor else None
+        return cls(configured, guard, checkpointing, pruning)
 
     def restore(self, plan: RunPlan, guarded: GuardedModel, steps_per_epoch: int) -> int:
         """On a resume, open the run's checkpoints and restore the newest; return the
@@ -97,6 +105,9 @@ class FitCallbacks:
             self.guard.restore_last_checkpoint = self.checkpointing.restore_for_rollback if self.checkpointing else None
         self.epoch_logger = MLflowEpochLogger(run_id, offline_file=plan.output_dir / "offline-metrics.jsonl")
         ordered = [TrainProgress(), *(c for c in self.configured if c is not self.checkpointing), self.epoch_logger]
+        if self.pruning is not None:
+            self.pruning.run_id = run_id
+            ordered.append(self.pruning)
         return ordered + ([self.checkpointing] if self.checkpointing is not None else [])
 
     @contextlib.contextmanager

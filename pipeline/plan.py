@@ -31,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline import cli, recovery
 from pipeline.config import validate
 from pipeline.recovery import Resume
-from pipeline.tracking import sweep
+from pipeline.tracking import optuna_trial, sweep
+from pipeline.tracking.optuna_trial import OptunaTrial
 from pipeline.tracking.sweep import SweepJob
 from pipeline.training import distribute
 
@@ -54,6 +55,7 @@ class RunPlan:
         task: `local`, or this process's task in a multi-worker cluster (`worker-1`).
         is_chief: whether this process records the run (MLflow, export, registry).
         sweep: the sweep this run is a job of, or None.
+        optuna_trial: the Optuna trial this run is (`hparams_search=optuna`), or None.
     """
 
     cfg: DictConfig
@@ -66,6 +68,7 @@ class RunPlan:
     task: str = "local"
     is_chief: bool = True
     sweep: SweepJob | None = None
+    optuna_trial: OptunaTrial | None = None
 
     @property
     def architecture(self) -> str:
@@ -124,7 +127,7 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
     return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=list(hydra_node.overrides.task),
                    output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
-                   sweep=sweep.current_job())
+                   sweep=sweep.current_job(), optuna_trial=optuna_trial.current_trial())
 
 
 def resolve(
@@ -135,6 +138,7 @@ def resolve(
     output_dir: Path | None = None,
     log_file: Path | None = None,
     sweep: SweepJob | None = None,
+    optuna_trial: OptunaTrial | None = None,
 ) -> RunPlan:
     """Validate `cfg`, recover what it resumes or reproduces, decide the process's role,
     and freeze the result. `cfg` itself is left as it was.
@@ -160,7 +164,7 @@ def resolve(
     OmegaConf.set_readonly(cfg, True)
     return RunPlan(cfg=cfg, choices=choices, overrides=tuple(overrides),
                    output_dir=(output_dir or Path.cwd()).absolute(), log_file=log_file, resume=resume,
-                   reproduces=reproduces, task=task, is_chief=is_chief, sweep=sweep)
+                   reproduces=reproduces, task=task, is_chief=is_chief, sweep=sweep, optuna_trial=optuna_trial)
 
 
 def _record_nothing(cfg: DictConfig, resume: Resume | None, task: str) -> tuple[DictConfig, Resume | None]:

@@ -25,7 +25,9 @@ class Summary:
         self.params = params
         self.metric = metric
         self.failed = [row for row in rows if row["status"] != "FINISHED"]
-        scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))]
+        # A pruned Optuna trial finished early on purpose: its model is no candidate for best.
+        scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))
+                  and row.get("trial_state") != "PRUNED"]
         pick = max if direction == "maximize" else min
         self.best = pick(scored, key=lambda row: row[metric]) if scored else None
 
@@ -44,6 +46,7 @@ class Summary:
                 "status": run.info.status,
                 "failure_reason": run.data.tags.get("failure_reason", ""),
                 "registered_model": run.data.tags.get("registered_model", ""),
+                **({"trial_state": run.data.tags["trial_state"]} if "trial_state" in run.data.tags else {}),
                 **{f"param {key}": value for key, value in swept.items()},
                 **{k: float(v) for k, v in sorted(metrics.items())},
             })

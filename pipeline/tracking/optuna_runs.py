@@ -1,0 +1,120 @@
+"""One Optuna study is one MLflow parent run, each trial one child run.
+
+The study's user attributes hold its parent's run id and tracking URI (`attach_parent`,
+called by `pipeline.tracking.sweep.SweepRuns` before the first trial), so a resumed
+study, or a second worker on the same study, adds its children to the same parent.
+`Children` tags each trial's child with its Optuna state (`trial_state`), ends FAILED
+the children of trials whose process died, and puts Optuna's own figures on the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from pipeline.errors import one_line
+from pipeline.tracking.optuna_study import SPACE_ATTR, StudySpec
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "mlflow.parent_run_id"  # study user attributes: the study's MLflow parent run...
+TRACKING_URI_ATTR = "mlflow.tracking_uri"  # ... and the store it is in
+
+
+def attach_parent(spec: StudySpec, tracking_uri: str, create: Callable[[Mapping[str, str]], str]) -> str:
+    """The study's MLflow parent run: the one it already has (reopened RUNNING), else a new
+    one from `create(tags)`, recorded in the study. Of several workers starting at once,
+    the one that created the study creates the parent; the others wait for it."""
+    from mlflow.tracking import MlflowClient
+
+    study, created = spec.open()
+    if created:
+        study.set_user_attr(SPACE_ATTR, spec.space_record())
+    deadline = time.monotonic() + (0 if created else 60)
+    while PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(1)
+    attrs = study.user_attrs
+    if attrs.get(PARENT_ATTR) and attrs.get(TRACKING_URI_ATTR) == tracking_uri:
+        try:
+            MlflowClient(tracking_uri).update_run(attrs[PARENT_ATTR], status="RUNNING")
+            log.info("optuna: study %s continues in parent run %s", spec.name, attrs[PARENT_ATTR])
+            return attrs[PARENT_ATTR]
+        except Exception as error:  # deleted meanwhile: a new parent
+            log.warning("optuna: parent run %s of study %s is gone (%s)", attrs[PARENT_ATTR], spec.name,
+                        one_line(error))
+    run_id = create({"optuna.study_name": spec.name, "optuna.storage": spec.redacted_storage()})
+    study.set_user_attr(PARENT_ATTR, run_id)
+    study.set_user_attr(TRACKING_URI_ATTR, tracking_uri)
+    return run_id
+
+
+@dataclass(frozen=True)
+class Children:
+    """The study's parent run in MLflow, and its trials' child runs."""
+
+    tracking_uri: str
+    parent_run_id: str
+
+    @classmethod
+    def of(cls, study) -> Children | None:
+        attrs = study.user_attrs
+        return cls(attrs[TRACKING_URI_ATTR], attrs[PARENT_ATTR]) if PARENT_ATTR in attrs else None
+
+    def _runs(self, extra_filter: str = "") -> list:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        query = f"tags.mlflow.parentRunId = '{self.parent_run_id}'" + (f" and {extra_filter}" if extra_filter else "")
+        return client.search_runs([e.experiment_id for e in client.search_experiments()], query, max_results=10_000)
+
+    def tag(self, number: int, state: str) -> None:
+        """Tag trial `number`'s child run(s) with `trial_state`."""
+        from mlflow.tracking import MlflowClient
+
+        for run in self._runs(f"tags.`optuna.trial_number` = '{number}'"):
+            MlflowClient(self.tracking_uri).set_tag(run.info.run_id, "trial_state", state)
+
+    def fail_dead(self, study) -> None:
+        """End FAILED the RUNNING children of trials that Optuna failed (their process died)."""
+        from mlflow.tracking import MlflowClient
+        from optuna.trial import TrialState
+
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        client = MlflowClient(self.tracking_uri)
+        for run in self._runs("attributes.status = 'RUNNING'"):
+            number = run.data.tags.get("optuna.trial_number")
+            if number is None or states.get(int(number)) != TrialState.FAIL:
+                continue
+            client.set_tag(run.info.run_id, "failure_reason", f"its process died: Optuna found no heartbeat of "
+                                                               f"trial {number}, marked it FAIL and asks it again")
+            client.set_tag(run.info.run_id, "trial_state", "FAIL")
+            client.set_terminated(run.info.run_id, "FAILED")
+            log.warning("optuna: trial %s died with its process; child run %s marked FAILED", number,
+                        run.info.run_id)
+
+    def log_figures(self, study) -> None:
+        """Optuna's optimization history, parameter importances (given enough complete
+        trials) and parallel-coordinate plot, as PNGs on the parent run."""
+        import matplotlib.pyplot as plt
+        from mlflow.tracking import MlflowClient
+        from optuna.trial import TrialState
+        from optuna.visualization import matplotlib as optuna_plots
+
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        plots = {"optimization_history": optuna_plots.plot_optimization_history,
+                 "parallel_coordinate": optuna_plots.plot_parallel_coordinate}
+        if len(complete) >= 4:  # fANOVA on fewer trials is noise
+            plots["param_importances"] = optuna_plots.plot_param_importances
+        client = MlflowClient(self.tracking_uri)
+        for name, plot in plots.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
+                    figure = plot(study).figure
+                client.log_figure(self.parent_run_id, figure, f"optuna_{name}.png")
+                plt.close(figure)
+            except Exception as error:  # a plot never fails a search
+                log.warning("optuna: no %s plot: %s", name, one_line(error))
