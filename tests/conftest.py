@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import pytest
+from mlflow.entities import Run
 
 from pipeline.config import compose as compose_config  # noqa: F401  (the real conf/, as the entry points compose it)
 from pipeline.plan import compose as compose_plan  # noqa: F401  (a run's plan, as python -m pipeline.train resolves it)
@@ -29,6 +34,27 @@ def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Tests sharing an expensive session fixture run on one xdist worker (`--dist loadgroup`
+# in pyproject.toml), which builds it once: {fixture, direct or not: xdist group}.
+SHARED_FIXTURE_GROUPS = {"default_run": "default_run", "mlflow_server": "mlflow_server"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist appends each test's group to its id
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the users of each shared session fixture, and start the longest work first:
+    the groups, then `slow` tests, then the rest (`--no-loadscope-reorder` hands them
+    to the workers in this order)."""
+    for item in items:
+        for fixture, group in SHARED_FIXTURE_GROUPS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(group))
+
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A TFDS data dir with `digits` prepared once for the whole session."""
@@ -41,18 +67,95 @@ def tfds_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite database with MLflow's tables and no experiment: creating a store
+    runs MLflow's schema migrations (5-10 s on this machine), copying this file takes
+    milliseconds. At a copy's first use MLflow adds the Default experiment, with its
+    artifacts under the working directory, as it does in a new store."""
+    from mlflow.tracking import MlflowClient
+
+    database = tmp_path_factory.mktemp("mlflow_db") / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()  # the tables, and the Default experiment
+    with contextlib.closing(sqlite3.connect(database)) as connection, connection:
+        connection.execute("DELETE FROM experiments")  # ... which each copy creates for itself
+    return database
+
+
+def new_mlflow_store(directory: Path, empty_mlflow_db: Path) -> str:
+    """A new sqlite store `directory/mlflow.db`, a copy of `empty_mlflow_db`; its URI."""
+    shutil.copyfile(empty_mlflow_db, directory / "mlflow.db")
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
 @pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> str:
     """A fresh sqlite tracking store; artifacts land in tmp_path/mlruns."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(tmp_path, empty_mlflow_db)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     # An earlier test's active experiment id means nothing in this store.
     mlflow.set_experiment(experiment_id="0")
     return uri
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished training run in a store of its own, and what training handed back."""
+
+    uri: str  # the store's tracking URI: sqlite in `directory`
+    directory: Path  # the launch directory: mlflow.db, mlruns/, outputs/ (Hydra's run dir, checkpoints)
+    metrics: dict[str, float]  # what train() returned
+    run: Run  # the run as MLflow's client read it right after training
+    model: keras.Model  # the trained GuardedModel (ModelCapture)
+
+
+# The default digits/mlp, 2 epochs; gradient norms every 10 of its 82 steps, so that its
+# grad_norm history has enough points to plot.
+DEFAULT_RUN_OVERRIDES = ("trainer.epochs=2", "callbacks.grad_norm.log_every_n_steps=10")
+
+
+@pytest.fixture(scope="session")
+def default_run(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> TrainedRun:
+    """The default mlp trained on digits in this process, once per session (per xdist
+    worker: `pytest_collection_modifyitems` below keeps its users on one worker), and
+    registered as digits-mlp/1 @champion in a store of its own.
+
+    Its users read it back; one that must change it (e.g. corrupt its checkpoints) puts
+    it back as it found it. New runs (an evaluation) may be added to its store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train import train
+
+    directory = tmp_path_factory.mktemp("default_run")
+    uri = new_mlflow_store(directory, empty_mlflow_db)
+    overrides = [*DEFAULT_RUN_OVERRIDES, f"dataset.data_dir={tfds_dir}",
+                 "+callbacks.capture._target_=conftest.ModelCapture"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(directory)
+        ModelCapture.models.clear()
+        metrics = train(compose_plan(overrides))
+        (model,) = ModelCapture.models
+        ModelCapture.models.clear()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    return TrainedRun(uri=uri, directory=directory, metrics=metrics, run=run, model=model)
+
+
+@pytest.fixture
+def in_default_run_store(default_run: TrainedRun, monkeypatch: pytest.MonkeyPatch) -> TrainedRun:
+    """`default_run`, with MLflow (this process's and subprocesses') pointed at its store
+    and the working directory in it, as for a test that continues in that store."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_run.uri)
+    monkeypatch.chdir(default_run.directory)
+    mlflow.set_tracking_uri(default_run.uri)
+    return default_run
 
 
 class ModelCapture(keras.callbacks.Callback):

@@ -1,5 +1,7 @@
 """End to end: real training into a real MLflow store, read back with MLflow's own client,
-and the registered SavedModel reloaded in a fresh process that cannot import this project."""
+and the registered SavedModel reloaded in a fresh process that cannot import this project.
+The run read back is the session's `default_run` (tests/conftest.py): the default mlp,
+2 epochs, trained in this process."""
 
 from __future__ import annotations
 
@@ -12,40 +14,15 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import SCORE_DIGITS, ModelCapture, compose_plan, reload_without_project
+from conftest import SCORE_DIGITS, TrainedRun, compose_plan, reload_without_project
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking.registry import promote_if_better
 from pipeline.train import train
 
 
-@pytest.fixture(scope="module")
-def trained(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    """One real 2-epoch training run; returns (tracking uri, metrics, run, trained model)."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(tmp)
-    try:
-        run_plan = compose_plan([
-            "trainer.epochs=2",
-            f"dataset.data_dir={tfds_dir}",
-            "+callbacks.capture._target_=conftest.ModelCapture",
-        ])
-        ModelCapture.models.clear()
-        metrics = train(run_plan)
-        mlflow.set_tracking_uri(uri)
-        (run,) = MlflowClient().search_runs(
-            [mlflow.get_experiment_by_name("digits").experiment_id]
-        )
-        yield uri, metrics, run, ModelCapture.models[-1], tmp
-    finally:
-        mp.undo()
-
-
-def test_run_finished_with_params_and_tags(trained) -> None:
-    _, _, run, model, _ = trained
+def test_run_finished_with_params_and_tags(default_run: TrainedRun) -> None:
+    run, model = default_run.run, default_run.model
     assert run.info.status == "FINISHED"
     assert re.fullmatch(r"mlp-digits-float32-[0-9a-f]{6}", run.info.run_name)
     params = run.data.params
@@ -62,9 +39,9 @@ def test_run_finished_with_params_and_tags(trained) -> None:
     assert tags["champion_promoted"] == "true"
 
 
-def test_per_epoch_and_test_metrics(trained) -> None:
-    uri, metrics, run, _, _ = trained
-    client = MlflowClient(uri)
+def test_per_epoch_and_test_metrics(default_run: TrainedRun) -> None:
+    metrics, run = default_run.metrics, default_run.run
+    client = MlflowClient(default_run.uri)
     for key in ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [0, 1], key
@@ -76,9 +53,9 @@ def test_per_epoch_and_test_metrics(trained) -> None:
     assert metrics["test_accuracy"] > 0.8, "2 epochs of the mlp already separate digits"
 
 
-def test_config_and_summary_artifacts(trained) -> None:
-    uri, _, run, _, _ = trained
-    client = MlflowClient(uri)
+def test_config_and_summary_artifacts(default_run: TrainedRun) -> None:
+    run = default_run.run
+    client = MlflowClient(default_run.uri)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "model_summary.txt"}
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
     assert config["trainer"]["epochs"] == 2
@@ -87,19 +64,18 @@ def test_config_and_summary_artifacts(trained) -> None:
     assert "dense_1" in summary and "probabilities" in summary
 
 
-def test_registered_version_and_champion_alias(trained) -> None:
-    uri, metrics, run, _, _ = trained
-    client = MlflowClient(uri)
+def test_registered_version_and_champion_alias(default_run: TrainedRun) -> None:
+    metrics, run = default_run.metrics, default_run.run
+    client = MlflowClient(default_run.uri)
     version = client.get_model_version_by_alias("digits-mlp", "champion")
     assert str(version.version) == "1"
     assert version.run_id == run.info.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
 
 
-def test_saved_model_signature(trained) -> None:
-    uri, _, _, _, tmp = trained
-    mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts("models:/digits-mlp@champion", dst_path=str(tmp / "dl")))
+def test_saved_model_signature(default_run: TrainedRun, tmp_path: Path) -> None:
+    mlflow.set_tracking_uri(default_run.uri)
+    local = Path(mlflow.artifacts.download_artifacts("models:/digits-mlp@champion", dst_path=str(tmp_path)))
     saved_model = local / "data" / "model"
     assert (saved_model / "saved_model.pb").exists()
     shown = subprocess.run(
@@ -112,10 +88,10 @@ def test_saved_model_signature(trained) -> None:
     assert "DT_FLOAT" in shown.stdout and "(-1, 10)" in shown.stdout
 
 
-def test_registered_model_reloads_without_project_code(trained) -> None:
-    uri, metrics, _, model, tmp = trained
-    out = tmp / "probabilities.npy"
-    report = reload_without_project(tmp, SCORE_DIGITS, uri, "models:/digits-mlp@champion", str(out))
+def test_registered_model_reloads_without_project_code(default_run: TrainedRun, tmp_path: Path) -> None:
+    metrics, model = default_run.metrics, default_run.model
+    out = tmp_path / "probabilities.npy"
+    report = reload_without_project(tmp_path, SCORE_DIGITS, default_run.uri, "models:/digits-mlp@champion", str(out))
     assert report["dtype"] == "float32" and report["shape"] == [360, 10]
     # The same 360 images the pipeline tested on, so the same accuracy to the example.
     assert report["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
