@@ -1,5 +1,7 @@
 """Evaluation runs: a real training run registers a model, `evaluate` scores it, and
-MLflow's own client reads back the evaluation run and its link to the LoggedModel."""
+MLflow's own client reads back the evaluation run and its link to the LoggedModel. The
+training run is the session's `default_run` (tests/conftest.py), registered as
+digits-mlp/1 @champion."""
 
 from __future__ import annotations
 
@@ -8,29 +10,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import compose_config, compose_plan
+from conftest import TrainedRun, compose_config
 from mlflow.tracking import MlflowClient
 
 from pipeline.evaluate import evaluate, log_evaluation_run, model_reference
-from pipeline.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def trained(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    """One real 1-epoch training run registered as digits-mlp@champion; yields the store."""
-    tmp = tmp_path_factory.mktemp("evaluate_run")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(tmp)
-    try:
-        train(compose_plan(["trainer.epochs=1", f"dataset.data_dir={tfds_dir}"]))
-        mlflow.set_tracking_uri(uri)
-        yield uri, tmp
-    finally:
-        mp.undo()
 
 
 def evaluation_runs(client: MlflowClient) -> list:
@@ -38,12 +23,9 @@ def evaluation_runs(client: MlflowClient) -> list:
     return client.search_runs([experiment.experiment_id], "tags.evaluation = 'true'")
 
 
-def test_evaluation_run_records_metrics_plot_and_model_link(trained, tfds_dir: str, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    uri, store_dir = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(store_dir)
-    client = MlflowClient(uri)
+def test_evaluation_run_records_metrics_plot_and_model_link(in_default_run_store: TrainedRun, tfds_dir: str,
+                                                            tmp_path: Path) -> None:
+    client = MlflowClient(in_default_run_store.uri)
     champion = client.get_model_version_by_alias("digits-mlp", "champion")
     # The LoggedModel the training run produced (MLflow 3) and registered as the champion.
     (trained_model,) = client.get_run(champion.run_id).outputs.model_outputs
@@ -82,11 +64,8 @@ def test_evaluation_run_records_metrics_plot_and_model_link(trained, tfds_dir: s
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
 
 
-def test_log_run_false_logs_nothing(trained, tfds_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    uri, store_dir = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(store_dir)
-    client = MlflowClient(uri)
+def test_log_run_false_logs_nothing(in_default_run_store: TrainedRun, tfds_dir: str) -> None:
+    client = MlflowClient(in_default_run_store.uri)
     before = {r.info.run_id for r in evaluation_runs(client)}
     metrics = evaluate(compose_config(["model=models:/digits-mlp/1", "split='train[:50]'", "log_run=false",
                                        f"dataset.data_dir={tfds_dir}"], config_name="evaluate"))
