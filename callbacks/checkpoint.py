@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -68,6 +69,10 @@ class Checkpointing(keras.callbacks.Callback):
         self._snapshot = None  # copies everything saved into the shadows (`_shadow_root`)
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
+        self._restore_metrics = True
+        # Called by the writer before each write, e.g. the epoch logger's `flush`: a
+        # checkpoint past an epoch whose metrics never reached the store would lose them.
+        self.before_write: Callable[[], None] | None = None
 
     # -- set up by the pipeline, before fit ----------------------------------------
     def open(self, directory: Path, model, callbacks: list[keras.callbacks.Callback],
@@ -139,6 +144,12 @@ class Checkpointing(keras.callbacks.Callback):
         log.info("resuming from %s: epoch %d, batch %d (step %d)", path, epoch, batch, self._last_saved)
         return epoch, batch
 
+    def resume_at_next_epoch(self) -> None:
+        """The restored checkpoint was saved at an epoch's end: the next epoch starts with
+        fresh metric accumulators, not the ones the checkpoint holds (by then Keras has
+        used them for the epoch's validation)."""
+        self._restore_metrics = False
+
     def restore_for_rollback(self) -> int:
         """Put the model and optimizer back to the newest readable checkpoint; the data
         position moves on. Returns the step the checkpoint was saved at."""
@@ -161,9 +172,10 @@ class Checkpointing(keras.callbacks.Callback):
             for callback in self.stateful_callbacks:
                 if callable(getattr(callback, "after_restore", None)):
                     callback.after_restore()
-            # Keras zeroes the metrics at each epoch's start; the resumed epoch's
+            # Keras zeroes the metrics at each epoch's start; a resumed epoch's
             # accumulators go back in at `on_epoch_begin`.
-            self._metric_snapshot = [v.numpy() for v in rest["metrics"]]
+            if self._restore_metrics:
+                self._metric_snapshot = [v.numpy() for v in rest["metrics"]]
         elif self._manager.latest_checkpoint is None:
             self.save()  # the initial state: a rollback at the very first steps needs somewhere to go
 
@@ -207,6 +219,8 @@ class Checkpointing(keras.callbacks.Callback):
 
     def _write(self, number: int) -> None:
         try:
+            if self.before_write is not None:
+                self.before_write()
             path = self._manager.save(number)
             if self._scratch_directory is not None:  # a non-chief worker's copy: written, then dropped
                 tf.io.gfile.rmtree(self._scratch_directory)

@@ -88,6 +88,12 @@ class MLflowEpochLogger(keras.callbacks.Callback):
     def on_train_end(self, logs=None) -> None:
         self.wait()
 
+    def flush(self) -> None:
+        """Block until every epoch submitted so far is in the store (or in the offline
+        file). Safe from any thread: a checkpoint writer calls it, so that no checkpoint
+        is ever on disk ahead of the epochs it covers."""
+        self._sender.submit(lambda: None).result()  # one sender thread: behind every epoch before it
+
     def wait(self) -> None:
         """Block until every epoch so far is in the store (or in the offline file)."""
         if self._pending is not None:

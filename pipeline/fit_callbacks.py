@@ -92,6 +92,7 @@ class FitCallbacks:
             return 0
         epoch, batch = position
         if batch >= steps_per_epoch:  # saved at an epoch's end
+            self.checkpointing.resume_at_next_epoch()
             return epoch + 1
         guarded.train_state.re_enter_epoch()
         return epoch
@@ -104,6 +105,8 @@ class FitCallbacks:
             self.guard.batch_at = splits.train_batch  # the diagnosis re-runs the offending batch
             self.guard.restore_last_checkpoint = self.checkpointing.restore_for_rollback if self.checkpointing else None
         self.epoch_logger = MLflowEpochLogger(run_id, offline_file=plan.output_dir / "offline-metrics.jsonl")
+        if self.checkpointing is not None:  # no checkpoint on disk ahead of the epochs it covers
+            self.checkpointing.before_write = self.epoch_logger.flush
         ordered = [TrainProgress(), *(c for c in self.configured if c is not self.checkpointing), self.epoch_logger]
         if self.pruning is not None:
             self.pruning.run_id = run_id

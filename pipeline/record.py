@@ -79,14 +79,15 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
         final |= {f"final_val_{k}": float(v)
                   for k, v in guarded.evaluate(splits.val, return_dict=True, verbose=0).items()}
     log.info("final: %s", {k: round(v, 4) for k, v in sorted(final.items())})
-    metrics = {metric_key(k): float(v[-1]) for k, v in history.history.items()} | final
+    # A resumed run's epochs are in the store: Keras' history covers only this process's (maybe none).
+    curves = history.history if plan.resume is None else logged_history(run_id)
+    metrics = {metric_key(k): float(v[-1]) for k, v in curves.items() if v} | final
     epoch_logger, checkpointing, guard = callbacks.epoch_logger, callbacks.checkpointing, callbacks.guard
     try:
         if epoch_logger.first_failure is not None:
             raise ConnectionError(f"unreachable since {epoch_logger.first_failure}")
-        mlflow.log_metrics(final, step=initial_epoch + len(history.epoch))
+        log_once(run_id, final, step=initial_epoch + len(history.epoch))
         # Plots never fail a run: each failure is a warning naming the plot.
-        curves = history.history if plan.resume is None else logged_history(run_id, history.history)
         report.log_training_plots(curves, model, guarded.optimizer, splits.steps_per_epoch * cfg.trainer.epochs,
                                   splits.test, splits.input_spec, run_id, guard.threshold if guard else None)
         report.log_keras_model(model)  # for pipeline.inspect: layers survive in .keras, not in a SavedModel
@@ -105,9 +106,26 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
     return metrics
 
 
-def logged_history(run_id: str, keras_history: Mapping[str, list[float]]) -> dict[str, list[float]]:
-    """A resumed run's whole per-epoch history (Keras' covers only this process's epochs)."""
+def logged_history(run_id: str) -> dict[str, list[float]]:
+    """The run's per-epoch metrics as the store holds them, in Keras' names (`loss`,
+    `val_accuracy`, `learning_rate`, ...): one value per epoch, in epoch order."""
     client = MlflowClient()
-    return {name: [m.value for m in sorted(client.get_metric_history(run_id, metric_key(name)), key=lambda m: m.step)]
-            for name in keras_history}
+    keys = [key for key in client.get_run(run_id).data.metrics
+            if key == "lr" or (key.startswith(("train_", "val_")))]
+    return {keras_name(key): [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+            for key in keys}
 
+
+def keras_name(key: str) -> str:
+    """The inverse of `metric_key`: `train_loss` -> `loss`, `lr` -> `learning_rate`; `val_*` stays."""
+    return "learning_rate" if key == "lr" else key.removeprefix("train_")
+
+
+def log_once(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log `metrics` at `step`, except those the run already holds at that step (logged
+    before a kill, by the process a resume continues)."""
+    client = MlflowClient()
+    logged = {key for key in client.get_run(run_id).data.metrics
+              if key in metrics and any(m.step == step for m in client.get_metric_history(run_id, key))}
+    if len(logged) < len(metrics):
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step=step)
