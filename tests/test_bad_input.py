@@ -4,7 +4,7 @@ The table runs the real entry point (`pipeline.train.cli_main`: Hydra compositio
 validation, data loading, tracking, resume) in-process, with the user's argv, and has
 at least one case for every config group in conf/ (checked by a test of its own); a few
 cases also run as separate processes in tests/test_cli.py and test_fault_tolerance.py.
-Cases that need an existing run share one short training.
+Cases that need an existing run resume the session's `default_run` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import REPO, compose_plan
+from conftest import REPO, TrainedRun
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import cli_main, train
+from pipeline.train import cli_main
 
 # (argv after `python -m pipeline.train`, exit code, text the single error line must contain)
 BAD_INPUTS = [
@@ -126,10 +127,12 @@ def test_the_table_covers_every_config_group() -> None:
 
 
 @pytest.fixture
-def finished_run(workdir: Path, tfds_dir: str) -> str:
-    train(compose_plan([f"dataset.data_dir={tfds_dir}", "trainer.epochs=2", "trainer.verbose=0"]))
-    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("digits").experiment_id])
-    return run.info.run_id
+def finished_run(default_run: TrainedRun, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The id of the session's default run (2 epochs, checkpoints kept), in the store the
+    command line finds; its outputs go to `workdir`."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_run.uri)
+    mlflow.set_tracking_uri(default_run.uri)
+    return default_run.run.info.run_id
 
 
 def test_resume_refuses_changes_and_loses_nothing(finished_run: str, tfds_dir: str, capsys) -> None:
@@ -154,9 +157,14 @@ def test_resume_refuses_changes_and_loses_nothing(finished_run: str, tfds_dir: s
 
 def test_every_checkpoint_corrupt_is_one_line(finished_run: str, capsys) -> None:
     directory = Path(MlflowClient().get_run(finished_run).data.tags["checkpoint_dir"])
-    for data_file in directory.glob("ckpt-*.data-*"):
-        data_file.write_bytes(b"not a checkpoint")
-    code, lines = run_cli([f"resume={finished_run}", "trainer.epochs=3"], capsys)
+    saved = {data_file: data_file.read_bytes() for data_file in directory.glob("ckpt-*.data-*")}
+    try:
+        for data_file in saved:
+            data_file.write_bytes(b"not a checkpoint")
+        code, lines = run_cli([f"resume={finished_run}", "trainer.epochs=3"], capsys)
+    finally:  # the run is shared: its checkpoints are left as they were
+        for data_file, content in saved.items():
+            data_file.write_bytes(content)
     assert code == 1 and error_lines(lines) == [lines[-1]]
     assert lines[-1].startswith(f"error: every checkpoint in {directory} is unreadable (ckpt-")
     assert lines[-1].endswith("); cannot resume")
