@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compose_config, compose_plan
+from conftest import DEFAULT_RUN_OVERRIDES, TrainedRun, compose_config
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -169,23 +169,13 @@ def test_keras_model_failure_is_a_warning(mlflow_store: str, caplog) -> None:
     assert any(m.startswith("keras/model.keras not logged") for m in caplog.messages), caplog.messages
 
 
-@pytest.mark.slow  # ~26 s: a real 2-epoch training run
-def test_plots_of_a_real_training_run(tfds_dir: str, mlflow_store: str, tmp_path: Path) -> None:
-    """What train() will hand over: the guarded model's history and optimizer (the
+def test_plots_of_a_real_training_run(in_default_run_store: TrainedRun, tfds_dir: str, tmp_path: Path) -> None:
+    """What train() hands over: the guarded model's history and optimizer (the
     gradient-norm guard wraps its rate in ScaledLearningRate), the exported inner model,
-    and the `grad_norm` metrics the guard logged into the run."""
-    from conftest import ModelCapture
-
-    from pipeline.train import train
-
-    run_plan = compose_plan(["trainer.epochs=2", f"dataset.data_dir={tfds_dir}", "mlflow.log_model=false",
-                             "callbacks.grad_norm.log_every_n_steps=10", "callbacks.checkpoint=null",
-                             "+callbacks.capture._target_=conftest.ModelCapture"])
-    cfg = run_plan.cfg
-    ModelCapture.models.clear()
-    train(run_plan)
-    guarded = ModelCapture.models[-1]
-    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("digits").experiment_id])
+    and the `grad_norm` metrics the guard logged into the run (the session's default
+    run, 2 epochs, a norm every 10 steps)."""
+    run, guarded = in_default_run_store.run, in_default_run_store.model
+    cfg = compose_config([*DEFAULT_RUN_OVERRIDES, f"dataset.data_dir={tfds_dir}"])
     assert len(MlflowClient().get_metric_history(run.info.run_id, "grad_norm")) >= 5
     splits = data.load(cfg.dataset, seed=cfg.seed)
     logged = report.log_training_plots(guarded.history.history, guarded.model, guarded.optimizer,
