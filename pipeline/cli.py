@@ -79,6 +79,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OverrideParseException):
         return f"cannot parse override '{error.override}': {error.message.splitlines()[0]}"
     cause = error.__cause__ if isinstance(error, HydraException) else error
+    if isinstance(cause, PipelineError):  # e.g. a Hydra callback refusing a value: its own line
+        return " ".join(str(cause).split())
     if isinstance(cause, OmegaConfBaseException):
         message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
         key = getattr(cause, "full_key", None)

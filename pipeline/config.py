@@ -101,6 +101,7 @@ class MLflowConfig:
     champion_alias: str = MISSING
     champion_metric: str = MISSING
     champion_mode: str = MISSING
+    champion_min_delta: float = MISSING
 
 
 @dataclass
@@ -232,6 +233,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "mlflow.champion_alias", lambda v: v.strip() and v != "latest",
            "must be a non-empty alias other than 'latest' (MLflow reserves it)")
     _check(cfg, "mlflow.champion_mode", lambda v: v in ("max", "min"), "must be 'max' or 'min'")
+    _check(cfg, "mlflow.champion_min_delta", lambda v: v >= 0 and math.isfinite(v), "must be >= 0")
+    _check(cfg, "mlflow.champion_metric", lambda v: not v.startswith("test_"),
+           "must not be a test metric: choosing on the test split biases its estimate (use final_val_*)")
 
     if cfg.get("debug") is not None:
         _check(cfg, "debug.mode", lambda v: v in DEBUG_MODES, f"must be one of {DEBUG_MODES}")

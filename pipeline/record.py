@@ -78,6 +78,7 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
     if splits.val is not None:
         final |= {f"final_val_{k}": float(v)
                   for k, v in guarded.evaluate(splits.val, return_dict=True, verbose=0).items()}
+    final |= registry.head_means(final, [head for head, _ in splits.input_spec.heads])  # multi-output: mean accuracy
     log.info("final: %s", {k: round(v, 4) for k, v in sorted(final.items())})
     # A resumed run's epochs are in the store: Keras' history covers only this process's (maybe none).
     curves = history.history if plan.resume is None else logged_history(run_id)
@@ -92,9 +93,11 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
                                   splits.test, splits.input_spec, run_id, guard.threshold if guard else None)
         report.log_keras_model(model)  # for pipeline.inspect: layers survive in .keras, not in a SavedModel
         if cfg.mlflow.log_model:
-            name = tracking.registered_model_name(cfg, plan.architecture)
-            model_info = registry.log_saved_model(model, splits.input_spec, name)
-            registry.register_champion(cfg.mlflow, name, model_info, metrics)
+            model_info = registry.log_saved_model(model, splits.input_spec,
+                                                  input_example=registry.example_inputs(splits.test))
+            if plan.sweep is None or plan.sweep.register == "all":  # else the sweep registers its best job
+                registry.register(MlflowClient(), cfg.mlflow, tracking.registered_model_name(cfg, plan.architecture),
+                                  model_info.model_id, run_id, metrics)
     except Exception as error:  # the store went away: keep what training produced
         saved = plan.output_dir / "model.keras"
         model.save(saved)

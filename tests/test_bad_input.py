@@ -72,6 +72,12 @@ BAD_INPUTS = [
     (["debug=limit", "debug.limit_fraction=0"], 2, "debug.limit_fraction must be in (0, 1] or null. Received: 0.0"),
     (["experiment=no_such_recipe"], 2, "Could not find 'experiment/no_such_recipe'"),
     (["hparams_search=grid"], 2, "Could not find 'hparams_search/grid'"),
+    (["mlflow.champion_min_delta=-0.01"], 2, "mlflow.champion_min_delta must be >= 0. Received: -0.01"),
+    (["mlflow.champion_min_delta=small"], 2,
+     "mlflow.champion_min_delta: Value 'small' of type 'str' could not be converted to Float"),
+    (["mlflow.champion_metric=test_accuracy"], 2, "mlflow.champion_metric must not be a test metric"),
+    (["hydra.callbacks.sweep.register=some"], 2,
+     "hydra.callbacks.sweep.register must be best, all or none. Received: 'some'"),
 ]
 
 # The groups a user picks options from: conf/'s folders, but for hydra/ (Hydra's own launcher presets).

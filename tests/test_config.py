@@ -68,6 +68,8 @@ def test_evaluate_config_composes() -> None:
         ("optimizer.warmup_epochs=50", "optimizer.warmup_epochs must be >= 0 and < trainer.epochs. Received: 50"),
         ("mlflow.champion_alias=latest", "mlflow.champion_alias must be a non-empty alias other than 'latest'"),
         ("mlflow.champion_mode=best", "mlflow.champion_mode must be 'max' or 'min'. Received: 'best'"),
+        ("mlflow.champion_min_delta=-1", "mlflow.champion_min_delta must be >= 0. Received: -1.0"),
+        ("mlflow.champion_metric=test_category_accuracy", "mlflow.champion_metric must not be a test metric"),
         ("seed=-3", "seed must be >= 0. Received: -3"),
         ("architecture._target_=architectures.nope.build",
          "architecture._target_ cannot be imported. Received: 'architectures.nope.build'"),

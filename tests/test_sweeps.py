@@ -139,7 +139,7 @@ def test_swept_keys_come_from_sweep_overrides_and_the_search_space() -> None:
 @pytest.mark.slow
 def test_grid_with_basic_launcher(tfds_dir: str, tmp_path: Path) -> None:
     result = run_module("pipeline.train", "-m", "architecture=mlp,functional", "optimizer.lr=1e-3,1e-2", *TINY,
-                        f"dataset.data_dir={tfds_dir}", "mlflow.log_model=false", cwd=tmp_path)
+                        f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -167,6 +167,18 @@ def test_grid_with_basic_launcher(tfds_dir: str, tmp_path: Path) -> None:
     assert parent.data.metrics["best_final_val_accuracy"] == best.data.metrics["final_val_accuracy"]
     assert (parent.data.tags["sweep.jobs"], parent.data.tags["sweep.failed"]) == ("4", "0")
     assert parent.data.tags["mlflow.note.content"].startswith("**Sweep**: 4 jobs, 4 finished, 0 failed")
+
+    # Every child logged its model; only the best child's became a registered version (the
+    # sweep's one candidate for @champion), with @sweep-best and a model card naming the sweep.
+    assert all(client.get_run(c.info.run_id).outputs.model_outputs for c in children)
+    versions = [v for m in client.search_registered_models() for v in client.search_model_versions(f"name='{m.name}'")]
+    assert [(v.run_id, str(v.version)) for v in versions] == [(best.info.run_id, "1")]
+    (version,) = versions
+    assert client.get_registered_model(version.name).aliases == {"champion": 1, "sweep-best": 1}
+    assert f"Sweep: [{parent.info.run_name}](#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})" \
+        in version.description
+    assert best.data.tags["registered_model"] == f"{version.name}/1"
+    assert table["registered_model"] == [f"{version.name}/1" if c is best else "" for c in children]
 
 
 @pytest.mark.slow

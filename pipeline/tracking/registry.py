@@ -1,5 +1,9 @@
 """The logged model and the model registry: the SavedModel export of a trained model,
-its signature, and the champion alias that follows the best version.
+its signature and input example, its registration, and the champion alias that follows
+the best version on validation.
+
+Keras and TensorFlow are imported only to export: the sweep callback registers a
+child's logged model from the launching process, which never trains.
 """
 
 from __future__ import annotations
@@ -8,23 +12,35 @@ import contextlib
 import io
 import logging
 import math
+import os
 import tempfile
+import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import keras
 import mlflow
 import numpy as np
-from mlflow.models import ModelSignature
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from architectures.common import InputSpec
+from pipeline.tracking import model_card
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from architectures.common import InputSpec
 
 log = logging.getLogger(__name__)
+
+# How many raw test inputs the logged model keeps as its input example.
+EXAMPLE_SIZE = 3
 
 
 def signature(input_spec: InputSpec) -> ModelSignature:
@@ -48,22 +64,45 @@ def signature(input_spec: InputSpec) -> ModelSignature:
     )
 
 
-def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_name: str | None) -> ModelInfo:
-    """Log `model` as a SavedModel (`serve` endpoint) and optionally register it.
+def example_inputs(test: tf.data.Dataset, count: int = EXAMPLE_SIZE) -> np.ndarray | dict[str, np.ndarray]:
+    """The first `count` raw inputs of the batched test split, as the model takes them:
+    uint8 images `(count, H, W, C)`, or a dict of arrays for a multimodal model."""
+    import tensorflow as tf
+
+    inputs, _ = next(iter(test.take(1)))
+    return tf.nest.map_structure(lambda tensor: tensor[:count].numpy(), inputs)
+
+
+def _save_keras_with_example(path: str, validate_serving_input: bool = True, **kwargs: Any) -> None:
+    # mlflow.keras 3.17 writes the input example before it creates the model directory,
+    # and fails (mlflow/mlflow#16183): create it first. `validate_serving_input` is for
+    # Model.log, not for save_model.
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+# `mlflow.keras` as `Model.log` uses a flavor, with the input-example fix above.
+KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_with_example)
+
+
+def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_name: str | None = None,
+                    input_example: np.ndarray | Mapping[str, np.ndarray] | None = None) -> ModelInfo:
+    """Log `model` as a SavedModel (`serve` endpoint), with `input_example` (a few raw
+    inputs: MLflow derives `serving_input_example.json` from it, the body `mlflow models
+    predict` and `/invocations` take), and optionally register it.
 
     Single-input models go through `mlflow.keras` (flavors keras + pyfunc). Multimodal
     models are exported here with a dict-input endpoint and served by
     `pipeline/tracking/serving.py` as a pyfunc model from code. Either way, reloading needs
     TensorFlow and MLflow only.
-
-    No `input_example`: mlflow.keras 3.17 writes it before creating the model directory
-    and fails (mlflow/mlflow#16183); the signature carries the shapes and dtypes.
     """
+    import keras
     import tensorflow as tf
 
     common = {
         "name": "model",
         "signature": signature(input_spec),
+        "input_example": input_example,
         "registered_model_name": registered_model_name,
         # Explicit requirements: inferring them reloads the model in a subprocess.
         "pip_requirements": [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
@@ -74,7 +113,8 @@ def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_
     with (contextlib.redirect_stdout(io.StringIO()) as export_report, tempfile.TemporaryDirectory() as tmp,
           warnings.catch_warnings()):
         if not input_spec.multimodal:
-            info = mlflow.keras.log_model(model, save_exported_model=True, **common)
+            info = Model.log(artifact_path=None, flavor=KERAS_FLAVOR, model=model, save_exported_model=True,
+                             **common)
         else:
             archive = keras.export.ExportArchive()
             archive.track(model)
@@ -87,9 +127,8 @@ def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_
                 }],
             )
             archive.write_out(f"{tmp}/saved_model")
-            # MLflow suggests type hints and an input example; the explicit tensor
-            # signature already validates inputs, and the example is mlflow#16183 above.
-            warnings.filterwarnings("ignore", message=".*(type hints|input example was not provided).*")
+            # MLflow suggests type hints; the explicit tensor signature already validates inputs.
+            warnings.filterwarnings("ignore", message=".*type hints.*")
             info = mlflow.pyfunc.log_model(
                 python_model=str(Path(__file__).with_name("serving.py")),
                 artifacts={"saved_model": f"{tmp}/saved_model"},
@@ -107,50 +146,100 @@ def promote_if_better(
     metric: str,
     value: float,
     greater_is_better: bool = True,
+    min_delta: float = 0.0,
 ) -> tuple[bool, str | None]:
-    """Point `alias` at `version` if its `metric` beats the current holder's.
+    """Point `alias` at `version` if its `metric` beats the current holder's by more
+    than `min_delta` (so noise the size of one validation example does not move it).
 
     The metric is stored as a tag on every version it is computed for, so the
-    comparison needs nothing but the registry.
+    comparison needs nothing but the registry. A non-finite value never takes the alias;
+    a holder without a finite value is always beaten.
 
     Returns:
         (promoted, previous): whether the alias moved, and the version it pointed to.
     """
-    if not math.isfinite(value):  # a diverged run never takes the alias
-        return False, None
-    client.set_model_version_tag(name, version, metric, repr(float(value)))
     # Read the alias off the registered model: a missing alias is an error whose code
     # differs between the sqlite store and the REST server.
     previous = client.get_registered_model(name).aliases.get(alias)
-    if previous is not None and str(previous) != version:
-        current = client.get_model_version(name, str(previous))
+    previous = None if previous is None else str(previous)
+    if not math.isfinite(value):  # a diverged run never takes the alias
+        return False, previous
+    client.set_model_version_tag(name, version, metric, repr(float(value)))
+    if previous is not None and previous != version:
+        current = client.get_model_version(name, previous)
         best = current.tags.get(metric)
         if best is None and current.run_id:  # e.g. a version registered by hand
             best = client.get_run(current.run_id).data.metrics.get(metric)
-        if best is not None and math.isfinite(float(best)):  # a non-finite holder is always beaten
-            better = value > float(best) if greater_is_better else value < float(best)
-            if not better:
-                return False, str(previous)
+        if best is not None and math.isfinite(float(best)):
+            margin = value - float(best) if greater_is_better else float(best) - value
+            if not margin > min_delta:
+                return False, previous
     client.set_registered_model_alias(name, alias, version)
-    return True, None if previous is None else str(previous)
+    return True, previous
 
 
-def register_champion(cfg: DictConfig, name: str, model_info: ModelInfo, metrics: Mapping[str, float]) -> bool:
-    """Move the champion alias (`cfg` is the `mlflow` group) to version
-    `model_info.registered_model_version` of `name` if it beats the current champion;
-    tag the active run with the outcome."""
-    version = str(model_info.registered_model_version)
-    if cfg.champion_metric not in metrics:
+def head_means(metrics: Mapping[str, float], heads: Sequence[str],
+               prefixes: Sequence[str] = ("final_val_", "test_")) -> dict[str, float]:
+    """`final_val_accuracy` and `test_accuracy` of a multi-output model: the mean of its
+    heads' (`final_val_binary_accuracy`, ...), so that the default champion metric and
+    optimized metric exist for it too. Empty for a single-output model."""
+    means = {}
+    for prefix in prefixes:
+        per_head = [metrics.get(f"{prefix}{head}_accuracy") for head in heads]
+        if len(heads) > 1 and f"{prefix}accuracy" not in metrics and None not in per_head:
+            means[f"{prefix}accuracy"] = float(np.mean(per_head))
+    return means
+
+
+def register(client: MlflowClient, cfg: DictConfig, name: str, model_id: str, run_id: str,
+             metrics: Mapping[str, float]) -> ModelVersion:
+    """Register the logged model `model_id` of run `run_id` as a new version of `name`,
+    write its model card (`model_card`), and move the champion alias (`cfg` is the run's
+    `mlflow` group) to it if its `cfg.champion_metric` in `metrics` beats the champion's by
+    more than `cfg.champion_min_delta`. The run is tagged with the version and the outcome.
+    """
+    try:
+        client.create_registered_model(name)
+    except mlflow.MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
+                                                model_id=model_id)
+    version = str(model_version.version)
+    model_card.describe(client, name, version)
+    alias, metric = cfg.champion_alias, cfg.champion_metric
+    if metric not in metrics:
         log.warning("@%s not moved: mlflow.champion_metric=%s was not computed; available: %s",
-                    cfg.champion_alias, cfg.champion_metric, ", ".join(sorted(metrics)))
-        mlflow.set_tags({"registered_model": f"{name}/{version}",
-                         f"{cfg.champion_alias}_promoted": f"skipped: no metric {cfg.champion_metric}"})
-        return False
-    promoted, previous = promote_if_better(
-        MlflowClient(), name, version, cfg.champion_alias, cfg.champion_metric,
-        metrics[cfg.champion_metric], greater_is_better=cfg.champion_mode == "max",
-    )
-    mlflow.set_tags({"registered_model": f"{name}/{version}", f"{cfg.champion_alias}_promoted": str(promoted).lower()})
-    log.info("registered models:/%s/%s; @%s %s (previous: %s)", name, version, cfg.champion_alias,
-             "moved to it" if promoted else "stays", previous or "none")
-    return promoted
+                    alias, metric, ", ".join(sorted(metrics)))
+        outcome = f"skipped: no metric {metric}"
+    else:
+        promoted, previous = promote_if_better(client, name, version, alias, metric, metrics[metric],
+                                               greater_is_better=cfg.champion_mode == "max",
+                                               min_delta=cfg.get("champion_min_delta", 0.0))
+        outcome = str(promoted).lower()
+        log.info("registered models:/%s/%s; @%s %s (previous: %s)", name, version, alias,
+                 "moved to it" if promoted else "stays", previous or "none")
+    for key, value in {"registered_model": f"{name}/{version}", f"{alias}_promoted": outcome}.items():
+        client.set_tag(run_id, key, value)
+    return model_version
+
+
+def register_run(client: MlflowClient, run_id: str) -> str:
+    """Register the model that run `run_id` logged (e.g. a sweep's best job), under the
+    name and champion rules of the run's own recorded config (`config.yaml`).
+
+    Returns:
+        `NAME/VERSION`, or "" if the run logged no model.
+    """
+    from pipeline.tracking import registered_model_name
+
+    run = client.get_run(run_id)
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        return ""
+    model_id = max(outputs, key=lambda output: output.step).model_id
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+    name = registered_model_name(cfg, run.data.tags.get("architecture", ""))
+    version = register(client, cfg.mlflow, name, model_id, run_id, run.data.metrics)
+    return f"{name}/{version.version}"

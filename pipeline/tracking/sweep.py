@@ -15,10 +15,14 @@
 - `on_job_end` (the job's process): a job that failed before opening its run (e.g. a bad
   value in its overrides) still leaves a FAILED child with its `failure_reason`; a job
   that ended with a non-finite optimized metric is marked FAILED too.
-- `on_multirun_end` (launching process): logs the summary on the parent (a table with
-  one row per child, the optimized metric against each swept parameter, the best child's
-  run id, `@sweep-best` on its registered model), ends the parent FINISHED, and exits
-  non-zero if a job failed.
+- `on_multirun_end` (launching process): registers the best child's logged model (the
+  one candidate for `champion`, with `register=best`), logs the summary on the parent (a
+  table with one row per child, the optimized metric against each swept parameter, the
+  best child's run id, `@sweep-best` on its registered model version), ends the parent
+  FINISHED, and exits non-zero if a job failed.
+
+Every child logs its model, so each can be inspected or evaluated (`runs:/RUN_ID/model`);
+`register` decides which become registered versions: `best` (one per sweep), `all`, `none`.
 
 A failed job does not stop the sweep: in a multirun, `pipeline.cli.task` returns a
 `JobFailure` instead of raising. Hydra itself swallows callback exceptions as warnings,
@@ -43,7 +47,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli, tracking
-from pipeline.errors import one_line
+from pipeline.errors import ConfigError, one_line
 from pipeline.tracking.sweep_summary import Summary, metric_vs_params
 
 log = logging.getLogger(__name__)
@@ -56,19 +60,23 @@ T = TypeVar("T")
 
 
 # How a sweep job's process learns its parent run and its name: JSON
-# {"parent_run_id", "run_name", "tags"}, set by `SweepRuns.on_job_start`,
+# {"parent_run_id", "run_name", "tags", "register"}, set by `SweepRuns.on_job_start`,
 # read by `current_job` (the job's plan).
 SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
+# hydra.callbacks.sweep.register: which jobs' models become registered versions.
+REGISTER_CHOICES = ("best", "all", "none")
 
 
 @dataclass(frozen=True)
 class SweepJob:
     """This job's place in a Hydra sweep: its run is a child of `parent_run_id`, named
-    by the job's swept overrides (e.g. `architecture=mlp optimizer.lr=0.001`)."""
+    by the job's swept overrides (e.g. `architecture=mlp optimizer.lr=0.001`); it registers
+    its model itself only if `register` is `all` (with `best`, the sweep does at its end)."""
 
     parent_run_id: str
     run_name: str
     tags: Mapping[str, str]
+    register: str = "best"
 
 
 def current_job() -> SweepJob | None:
@@ -78,7 +86,7 @@ def current_job() -> SweepJob | None:
     if not raw:
         return None
     job = json.loads(raw)
-    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"])
+    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"], job.get("register", "best"))
 
 
 class SweepRuns(Callback):
@@ -91,14 +99,19 @@ class SweepRuns(Callback):
             `auto` takes the Optuna sweeper's direction, else minimizes a metric named
             `*loss*` and maximizes any other.
         fail_on_failed_jobs: exit non-zero when any job failed (after the summary).
+        register: `best`: only the best child's model becomes a registered version (the
+            sweep's one candidate for the champion alias); `all`: every child's; `none`.
     """
 
     def __init__(self, best_alias: str | None = "sweep-best", direction: str = "auto",
-                 fail_on_failed_jobs: bool = True) -> None:
+                 fail_on_failed_jobs: bool = True, register: str = "best") -> None:
         if direction not in ("auto", "maximize", "minimize"):
-            raise ValueError(f"hydra.callbacks.sweep.direction must be auto, maximize or minimize. "
-                             f"Received: {direction!r}")
+            raise ConfigError(f"hydra.callbacks.sweep.direction must be auto, maximize or minimize. "
+                              f"Received: {direction!r}")
+        if register not in REGISTER_CHOICES:
+            raise ConfigError(f"hydra.callbacks.sweep.register must be best, all or none. Received: {register!r}")
         self.best_alias = best_alias
+        self.register = register
         self.direction = direction
         self.fail_on_failed_jobs = fail_on_failed_jobs
         # Set in on_multirun_start; the callback is pickled with them to joblib workers.
@@ -194,6 +207,10 @@ class SweepRuns(Callback):
 
     def _log_summary(self, client, summary: Summary) -> None:
         run_id = self.parent_run_id
+        if self.register == "best" and summary.best is not None and not summary.best.get("registered_model"):
+            from pipeline.tracking import registry
+
+            summary.best["registered_model"] = _retry(lambda: registry.register_run(client, summary.best["run_id"]))
         tags = {
             "sweep.jobs": str(len(summary.rows)),
             "sweep.finished": str(len(summary.rows) - len(summary.failed)),
@@ -241,6 +258,7 @@ class SweepRuns(Callback):
             "parent_run_id": self.parent_run_id,
             "run_name": " ".join(swept) or f"job {job}",
             "tags": {"sweep.job": job, "sweep.params": json.dumps(params), **_optuna_trial_tags()},
+            "register": self.register,
         })
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
