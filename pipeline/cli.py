@@ -23,6 +23,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import PipelineError, TrainingInterrupted
+from pipeline.redact import redact
 
 Task = TypeVar("Task", bound=Callable[..., Any])
 
@@ -72,7 +73,12 @@ def user_wants_tracebacks() -> bool:
 
 
 def describe(error: BaseException) -> str:
-    """One line that names the offending key and value, for any user-fixable error."""
+    """One line that names the offending key and value, for any user-fixable error; no
+    URL in it keeps its credentials."""
+    return redact(_describe(error))
+
+
+def _describe(error: BaseException) -> str:
     if isinstance(error, MissingConfigException):
         first = str(error).strip().splitlines()[0]
         return f"{first}. Available: {', '.join(error.options)}" if error.options else first

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli, config  # noqa: F401  (config registers the schemas Hydra composes with)
 from pipeline.errors import ConfigError, DatasetError, PipelineError, one_line
+from pipeline.redact import redact
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -89,7 +90,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     print(f"{cfg.model} on {cfg.dataset.name}[{cfg.split}] ({examples} examples): {summary}", flush=True)
     if cfg.log_run:
         run_id = log_evaluation_run(cfg, _model_id(model, cfg.model), metrics, confusions)
-        print(f"logged as run {run_id} in experiment {cfg.mlflow.experiment_name!r} at {mlflow.get_tracking_uri()}",
+        store = redact(mlflow.get_tracking_uri())
+        print(f"logged as run {run_id} in experiment {cfg.mlflow.experiment_name!r} at {store}",
               flush=True)
     return metrics
 

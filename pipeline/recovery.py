@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
+from pipeline.redact import redact
 
 # What a resume or reproduction may change: which run, where the store is, determinism,
 # how it is distributed (e.g. resume a multi-worker run on one device) and (a resume,
@@ -50,7 +51,7 @@ def resumed(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Resume, DictConf
                                           order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
             raise ConfigError(f"resume=last: no unfinished run with checkpoints in experiment "
-                              f"{cfg.mlflow.experiment_name!r} at {mlflow.get_tracking_uri()}")
+                              f"{cfg.mlflow.experiment_name!r} at {redact(mlflow.get_tracking_uri())}")
         run = runs[0]
     else:
         run = _get_run("resume", cfg.resume)
@@ -91,7 +92,8 @@ def _get_run(key: str, run_id: str):
     try:
         return MlflowClient().get_run(str(run_id))
     except Exception:  # unknown id, malformed id: MLflow raises several types
-        raise ConfigError(f"{key}: no run {run_id!r} in the tracking store at {mlflow.get_tracking_uri()}") from None
+        raise ConfigError(f"{key}: no run {run_id!r} in the tracking store at "
+                          f"{redact(mlflow.get_tracking_uri())}") from None
 
 
 def _recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:

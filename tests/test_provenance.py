@@ -20,7 +20,7 @@ import tensorflow as tf
 from conftest import REPO, compose_config
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import redact, tracking
 from pipeline.tracking import provenance
 
 HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -116,7 +116,7 @@ def test_git_remote_url_without_credentials_and_detached_head(repo: Path) -> Non
     assert tags["mlflow.source.git.repoURL"] == "https://example.com/org/project.git"
     assert "mlflow.source.git.branch" not in tags, "a detached HEAD has no branch"
     assert HEX40.fullmatch(tags["mlflow.source.git.commit"])
-    assert provenance.strip_credentials("git@example.com:org/project.git") == "git@example.com:org/project.git"
+    assert redact.strip_credentials("git@example.com:org/project.git") == "git@example.com:org/project.git"
 
 
 def test_no_git_tags_outside_a_checkout_or_without_git(repo: Path, tmp_path: Path,

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
+from pipeline.redact import redact, redact_command, redact_config, split_credentials
 
 if TYPE_CHECKING:
     import keras
@@ -38,12 +39,21 @@ MAX_PARAM_LENGTH = 6000
 
 
 def tracking_uri(configured: str | None) -> str:
-    """The configured URI, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+    """The configured URI, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`.
+
+    A tracking server's credentials (`http://user:password@host`) move out of the URI
+    into MLflow's `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD` (HTTP basic auth,
+    inherited by sweep workers), so that the URI MLflow keeps, records and prints (e.g.
+    "View run ... at: <uri>") holds none.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    if uri.startswith(("http://", "https://")):
+        uri, username, password = split_credentials(uri)
+        if username is not None:
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = username, password
+            if os.environ.get("MLFLOW_TRACKING_URI"):
+                os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
 
 
 def connect(cfg: DictConfig) -> str:
@@ -51,26 +61,50 @@ def connect(cfg: DictConfig) -> str:
     experiment id, creating the experiment if needed.
 
     Called before any training, so an unreachable server costs seconds, not a trained
-    model: MLflow's own HTTP retries would take minutes to give up.
+    model: MLflow's own HTTP retries would take minutes to give up. A sqlite store is
+    created (or its schema upgraded) under an inter-process lock: two runs started at
+    once on a new directory would otherwise both create the tables, and one would fail.
     """
     uri = tracking_uri(cfg.tracking_uri)
     if uri.startswith(("http://", "https://")):
         import requests
 
         try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+            username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            auth = (username, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if username else None
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10, auth=auth).raise_for_status()
         except requests.RequestException as error:
             raise PipelineError(
-                f"mlflow.tracking_uri: cannot reach the tracking server at {uri} "
+                f"mlflow.tracking_uri: cannot reach the tracking server at {redact(uri)} "
                 f"({type(error).__name__}). Start it, or unset MLFLOW_TRACKING_URI to use "
                 "the local sqlite store"
             ) from None
     mlflow.set_tracking_uri(uri)
     try:
-        return mlflow.set_experiment(cfg.experiment_name).experiment_id
+        with _store_lock(uri):
+            return mlflow.set_experiment(cfg.experiment_name).experiment_id
     except Exception as error:  # bad path, unwritable directory, corrupt database, ...
-        reason = one_line(error)
-        raise PipelineError(f"mlflow.tracking_uri: cannot open the MLflow store at {uri}: {reason}") from None
+        raise PipelineError(f"mlflow.tracking_uri: cannot open the MLflow store at {redact(uri)}: "
+                            f"{redact(one_line(error))}") from None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on `<database>.lock` beside a sqlite store's file while the
+    block runs (MLflow creates or upgrades its schema on the first use in a process);
+    other stores need none."""
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if path is None or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.lock", "a") as lock:  # a missing directory fails here, as MLflow would
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -178,11 +212,12 @@ def _tag_failure(run_id: str, reason: str) -> None:
 
 
 def log_config(cfg: DictConfig, overrides: list[str]) -> None:
-    """The resolved config as flattened params and as `config.yaml`; overrides as a tag."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+    """The resolved config as flattened params and as `config.yaml`; overrides and the
+    command as tags. Secrets are redacted first (`pipeline.redact`)."""
+    container = redact_config(OmegaConf.to_container(cfg, resolve=True))  # no URL credentials
     mlflow.log_params(flatten(container))
-    mlflow.set_tag("overrides", " ".join(overrides) if overrides else "(defaults)")
-    mlflow.set_tag("command", " ".join([os.path.basename(sys.executable), *sys.argv]))
+    mlflow.set_tag("overrides", " ".join(redact_command(overrides)) if overrides else "(defaults)")
+    mlflow.set_tag("command", " ".join([os.path.basename(sys.executable), *redact_command(sys.argv)]))
     mlflow.log_text(OmegaConf.to_yaml(container), "config.yaml")
 
 

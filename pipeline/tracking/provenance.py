@@ -25,12 +25,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import register_dataset_source
+
+from pipeline.redact import redact_command, strip_credentials
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def provenance_tags(overrides: list[str]) -> dict[str, str]:
       `mlflow.db` and `mlruns/` behind; a new, never-added source file is therefore
       not seen;
     - `command` (the interpreter and `sys.argv`) and `overrides` (Hydra's, or
-      "(defaults)"), the same values `tracking.log_config` records;
+      "(defaults)"), the same values `tracking.log_config` records, secrets redacted;
     - `version.tensorflow`, `version.keras`, `version.mlflow`, `version.hydra`,
       `version.python`.
 
@@ -68,8 +69,8 @@ def provenance_tags(overrides: list[str]) -> dict[str, str]:
     tracked by a git checkout (e.g. installed into site-packages); never an error.
     """
     tags = git_tags(Path(__file__).resolve())
-    tags["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
-    tags["overrides"] = " ".join(overrides) if overrides else "(defaults)"
+    tags["command"] = " ".join([os.path.basename(sys.executable), *redact_command(sys.argv)])
+    tags["overrides"] = " ".join(redact_command(overrides)) if overrides else "(defaults)"
     for tag, module in VERSIONED_MODULES.items():
         try:
             tags[f"version.{tag}"] = str(importlib.import_module(module).__version__)
@@ -112,15 +113,6 @@ def git_tags(path: Path) -> dict[str, str]:
     if url:
         tags["mlflow.source.git.repoURL"] = strip_credentials(url.strip())
     return tags
-
-
-def strip_credentials(url: str) -> str:
-    """`https://user:token@host/repo.git` -> `https://host/repo.git`; other forms as given
-    (`git@host:repo.git` names a user, not a secret)."""
-    parts = urlsplit(url)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return url
 
 
 def _git(directory: str, *args: str) -> str | None:

@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli, tracking
 from pipeline.errors import ConfigError, one_line
+from pipeline.redact import redact, redact_command
 from pipeline.tracking.sweep_summary import Summary, metric_vs_params
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,11 @@ class SweepRuns(Callback):
                 run_name=("sweep " + " ".join(searched) if searched else f"sweep {sweeper}")[:250],
                 tags={
                     "sweep.dir": sweep_dir,
-                    "sweep.overrides": " ".join(overrides) if overrides else "(none)",
+                    "sweep.overrides": " ".join(redact_command(overrides)) if overrides else "(none)",
                     "sweep.sweeper": sweeper,
                     "sweep.launcher": launcher,
                     "sweep.optimized_metric": f"{self.optimized_metric} ({self.direction})",
-                    "mlflow.source.name": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                    "mlflow.source.name": " ".join([os.path.basename(sys.executable), *redact_command(sys.argv)]),
                     **extra_tags,
                 },
             )).info.run_id
@@ -172,7 +173,7 @@ class SweepRuns(Callback):
         # still ends, instead of staying RUNNING.
         atexit.register(self._end_unfinished_parent)
         log.info("sweep: parent run %s in experiment %s at %s", self.parent_run_id, self.experiment_id,
-                 self.tracking_uri)
+                 redact(self.tracking_uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:
