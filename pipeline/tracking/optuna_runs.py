@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pipeline.errors import one_line
-from pipeline.tracking.optuna_study import SPACE_ATTR, StudySpec
+from pipeline.tracking.optuna_study import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ def attach_parent(spec: StudySpec, tracking_uri: str, create: Callable[[Mapping[
     from mlflow.tracking import MlflowClient
 
     study, created = spec.open()
-    if created:
-        study.set_user_attr(SPACE_ATTR, spec.space_record())
     deadline = time.monotonic() + (0 if created else 60)
     while PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(1)

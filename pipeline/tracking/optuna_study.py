@@ -114,7 +114,9 @@ class StudySpec:
                 storage = storage_for(self.storage, settings.get("heartbeat_interval") if heartbeat else None,
                                       settings.get("grace_period"))
                 try:
-                    return optuna.create_study(storage=storage, study_name=self.name, direction=self.direction), True
+                    study = optuna.create_study(storage=storage, study_name=self.name, direction=self.direction)
+                    study.set_user_attr(SPACE_ATTR, self.space_record())
+                    return study, True
                 except optuna.exceptions.DuplicatedStudyError:
                     return self._loaded(optuna.load_study(study_name=self.name, storage=storage)), False
             except ConfigError:
@@ -132,11 +134,10 @@ class StudySpec:
         if study.direction.name.lower() != wanted:
             raise ConfigError(f"hydra.sweeper.direction={self.direction}, but the study {self.name!r} in "
                               f"{self.redacted_storage()} was created to {study.direction.name.lower()}")
-        recorded = study.user_attrs.get(SPACE_ATTR)
-        if recorded is not None and recorded != self.space_record():
-            differences = [f"{key}: {recorded.get(key, 'absent')} -> {self.space_record().get(key, 'absent')}"
-                           for key in sorted(set(recorded) | set(self.space_record()))
-                           if recorded.get(key) != self.space_record().get(key)]
+        recorded, now = study.user_attrs.get(SPACE_ATTR), self.space_record()
+        if recorded is not None and recorded != now:
+            differences = [f"{key}: {described(recorded.get(key))} -> {described(now.get(key))}"
+                           for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
             raise ConfigError(f"the search space changed under hydra.sweeper.study_name={self.name}: "
                               f"{'; '.join(differences)}. Use a new study_name, or the space it was created with")
         return study
@@ -147,6 +148,21 @@ class StudySpec:
                            pruner=str(self.settings.get("pruner")),
                            startup_trials=int(self.settings.get("pruner_startup_trials", 5)),
                            warmup_epochs=int(self.settings.get("pruner_warmup_epochs", 2)))
+
+
+def described(record: str | None) -> str:
+    """A stored distribution in the config's syntax: `tag(log, interval(0.0001, 0.03))`."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution, json_to_distribution
+
+    if record is None:
+        return "(not searched)"
+    d = json_to_distribution(record)
+    if isinstance(d, CategoricalDistribution):
+        return f"choice({', '.join(map(str, d.choices))})"
+    text = (f"range({d.low}, {d.high + d.step}, {d.step})" if isinstance(d, IntDistribution) and d.step != 1 else
+            f"interval({d.low}, {d.high})")
+    tags = ["log"] * d.log + ["int"] * (isinstance(d, IntDistribution) and d.step == 1)
+    return f"tag({', '.join(tags)}, {text})" if tags else text
 
 
 def check_direction(direction: str, metric: str) -> None:
@@ -197,7 +213,8 @@ def distribution(override) -> Any:
             return IntDistribution(int(value.start), int(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
     if isinstance(value, RangeSweep) and all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
-        return IntDistribution(value.start, value.stop - value.step, step=value.step)  # range's stop is exclusive
+        last = value.start + (value.stop - value.start - 1) // value.step * value.step  # range's stop is exclusive
+        return IntDistribution(value.start, last, step=value.step)
     if isinstance(value, (ChoiceSweep, RangeSweep)) and not getattr(value, "shuffle", False):
         return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
     raise ConfigError(f"{key}: Optuna searches interval(), tag(log, interval()), range() and choice() "

@@ -1,0 +1,245 @@
+"""`hparams_search=optuna`: our Hydra sweeper on Optuna >= 4. The study persists in
+`optuna.db` and is one MLflow parent run; hopeless trials are pruned from their
+per-epoch validation accuracy, in the launching process or in joblib's workers; a
+search killed with -9 continues where it stopped; two commands share one study; bad
+input is one line. Every search runs as a user would type it, in a temporary directory,
+and is read back with Optuna's and MLflow's own APIs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import run_module
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import ConfigError
+from pipeline.tracking import optuna_study
+
+# Trials of 2 epochs, silent, no SavedModel: a trial costs a few seconds.
+TINY = ("trainer.epochs=2", "trainer.verbose=0", "mlflow.log_model=false")
+# A space whose trials are known in advance: TPE's random start-up with seed 11 draws
+# lr 0.01 (learns digits in an epoch), then 1e-7 twice (stays near chance), so with one
+# start-up trial and no warm-up the median pruner must stop trials 1 and 2 after epoch 0.
+PRUNABLE = ("optimizer.lr=choice(0.01,1e-7)", "architecture.dropout=0.0", "hydra.sweeper.sampler.seed=11",
+            "hydra.sweeper.pruner_startup_trials=1", "hydra.sweeper.pruner_warmup_epochs=0")
+
+
+def search(tmp_path: Path, tfds_dir: str, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_module("pipeline.train", "hparams_search=optuna", *TINY, f"dataset.data_dir={tfds_dir}", *overrides,
+                      cwd=tmp_path, timeout=timeout)
+
+
+def the_study(tmp_path: Path) -> optuna.Study:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def all_runs(tmp_path: Path) -> tuple[list, list]:
+    """(parents, children) in the search's MLflow store."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+
+
+def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if optuna_study.counts_toward_n_trials(t)]
+
+
+def test_search_space_reads_hydras_sweep_syntax_as_optuna_distributions() -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space, fixed = optuna_study.search_space(
+        {"optimizer.lr": "tag(log, interval(1e-4, 3e-2))", "architecture.dropout": "interval(0.0, 0.5)",
+         "trainer.epochs": 3},
+        ["hparams_search=optuna", "architecture.dropout=0.1", "architecture.width=range(32,129,32)",
+         "optimizer=choice(adam,sgd)", "seed=tag(int, interval(1, 9))"])
+    assert space == {
+        "optimizer.lr": FloatDistribution(1e-4, 3e-2, log=True),
+        "architecture.width": IntDistribution(32, 128, step=32),  # range's stop is exclusive
+        "optimizer": CategoricalDistribution(["adam", "sgd"]),
+        "seed": IntDistribution(1, 9),
+    }, "a value typed on the command line fixes a searched key"
+    assert fixed == ["hparams_search=optuna", "architecture.dropout=0.1", "trainer.epochs=3"]
+
+    # The default study name is stable for the same search and changes with it.
+    name = optuna_study.default_study_name("digits", space, fixed)
+    assert name == optuna_study.default_study_name("digits", dict(space), list(reversed(fixed)))
+    assert name != optuna_study.default_study_name("digits", space, [*fixed, "trainer.epochs=5"])
+    with pytest.raises(ConfigError, match="use hydra.sweeper.direction=minimize"):
+        optuna_study.check_direction("maximize", "final_val_loss")
+
+
+def spec_of(tmp_path: Path, *overrides: str) -> optuna_study.StudySpec:
+    """The search `python -m pipeline.train hparams_search=optuna *overrides` would run in `tmp_path`
+    (the first override composes the config, the others are the command line's)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        config = compose("train", overrides=["hparams_search=optuna", *overrides[:1]], return_hydra_config=True)
+    with open_dict(config):  # compose() refuses sweep overrides outside a multirun; the sweeper reads them here
+        config.hydra.overrides.task.extend(overrides[1:])
+    return optuna_study.StudySpec.from_config(config)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["hydra.sweeper.pruner=sometimes"],
+     "hydra.sweeper.pruner must be one of median, hyperband, successive_halving, none. Received: 'sometimes'"),
+    (["hydra.sweeper.storage=sqlite:////nonexistent/dir/optuna.db"],
+     "hydra.sweeper.storage: cannot open the Optuna study 'digits-"),
+    (["hydra.sweeper.direction=minimize"],
+     "hydra.sweeper.direction=minimize contradicts optimized_metric=final_val_accuracy: "
+     "use hydra.sweeper.direction=maximize"),
+    (["hydra.sweeper.study_name=s1", "optimizer.lr=tag(log,interval(1e-3,1e-1))"],
+     "the search space changed under hydra.sweeper.study_name=s1: optimizer.lr: tag(log, interval(0.0001, 0.03)) "
+     "-> tag(log, interval(0.001, 0.1)). Use a new study_name"),
+])
+def test_bad_search_input_is_refused_before_anything_runs(overrides: list[str], message: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec_of(tmp_path, "hydra.sweeper.study_name=s1").open()  # an existing study s1, over the default space
+    with pytest.raises(ConfigError) as error:
+        spec_of(tmp_path, *overrides).open()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_bad_search_is_one_line_and_opens_no_parent_run(tmp_path: Path) -> None:
+    result = run_module("pipeline.train", "hparams_search=optuna", "hydra.sweeper.pruner=sometimes", cwd=tmp_path,
+                        timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: hydra.sweeper.pruner must be one of median, hyperband, successive_halving, none. "
+        "Received: 'sometimes'"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert all_runs(tmp_path)[0] == [], "no parent run"
+
+
+@pytest.mark.slow
+def test_hopeless_trials_are_pruned_and_a_rerun_continues_the_study(tfds_dir: str, tmp_path: Path) -> None:
+    result = search(tmp_path, tfds_dir, *PRUNABLE, "hydra.sweeper.n_trials=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    study = the_study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert [t.params["optimizer.lr"] for t in study.trials] == [0.01, 1e-7, 1e-7]
+    assert [t.user_attrs.get("pruned_at_epoch") for t in study.trials] == [None, 0, 0]
+
+    (parent,), children = all_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.study_name"] == study.study_name
+    assert parent.data.tags["optuna.storage"] == f"sqlite:///{tmp_path / 'optuna.db'}"
+    by_trial = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    assert sorted(by_trial) == [0, 1, 2]
+    assert [by_trial[n].info.status for n in range(3)] == ["FINISHED"] * 3, "a pruned trial is no failure"
+    assert [by_trial[n].data.tags["trial_state"] for n in range(3)] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert by_trial[1].data.tags["pruned_at_epoch"] == "0"
+    assert len(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        by_trial[1].info.run_id, "val_accuracy")) == 1, "pruned after its first epoch"
+    assert parent.data.tags["sweep.best_run_id"] == by_trial[0].info.run_id
+    artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(
+        parent.info.run_id)}
+    assert {"optuna_optimization_history.png", "optuna_parallel_coordinate.png"} <= artifacts
+
+    # The same command again: the study is complete, one line says so, nothing trains.
+    again = search(tmp_path, tfds_dir, *PRUNABLE, "hydra.sweeper.n_trials=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"study {study.study_name} already holds 3 finished trials" in again.stdout
+    assert len(the_study(tmp_path).trials) == 3
+    parents, children_after = all_runs(tmp_path)
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and len(children_after) == 3
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_trial_in_a_joblib_worker_is_pruned_through_the_storage(tfds_dir: str, tmp_path: Path) -> None:
+    result = search(tmp_path, tfds_dir, *PRUNABLE, "hydra.sweeper.n_trials=2", "hydra/launcher=joblib",
+                    "hydra.launcher.n_jobs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = the_study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    _, children = all_runs(tmp_path)
+    assert sorted(c.data.tags["trial_state"] for c in children) == ["COMPLETE", "PRUNED"]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def running_trial_runs(tmp_path: Path) -> list[str]:
+    """Trial numbers of the RUNNING child runs, read straight from the sqlite store: polling
+    through MlflowClient takes seconds on a loaded machine, longer than a trial runs."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db", timeout=1)) as db:
+            return [value for (value,) in db.execute(
+                "select t.value from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where t.key = 'optuna.trial_number' and r.status = 'RUNNING'")]
+    except sqlite3.Error:  # no store yet, or it is busy
+        return []
+
+
+@pytest.mark.slow
+def test_a_search_killed_with_sigkill_continues_with_the_same_command(tfds_dir: str, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "pipeline.train", "hparams_search=optuna", *TINY, f"dataset.data_dir={tfds_dir}",
+               "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none", "trainer.epochs=8",
+               # A dead trial is noticed 3 s after its last heartbeat, instead of 20 s.
+               "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "1" in running_trial_runs(tmp_path), 300, "trial 1's MLflow run to open")
+        time.sleep(1)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    study = the_study(tmp_path)
+    assert len(counted(study)) == 3 and all(t.state.name == "COMPLETE" for t in counted(study))
+    assert study.trials[1].state.name == "FAIL", "the killed trial, failed for its missing heartbeat"
+    assert "failure_reason" not in study.trials[1].user_attrs, "... and not counted: it is asked again"
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retried) == 1 and retried[0].params == study.trials[1].params
+
+    (parent,), children = all_runs(tmp_path)
+    assert parent.info.status == "FINISHED", "one parent, re-attached, then finished"
+    assert not [c for c in children if c.info.status == "RUNNING"], "no run left RUNNING"
+    (dead,) = [c for c in children if c.info.status == "FAILED"]
+    assert dead.data.tags["optuna.trial_number"] == "1" and "its process died" in dead.data.tags["failure_reason"]
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in finished) == sorted(t.number for t in counted(study))
+
+
+@pytest.mark.slow
+def test_two_commands_at_once_share_one_study_and_one_parent(tfds_dir: str, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "pipeline.train", "hparams_search=optuna", *TINY, f"dataset.data_dir={tfds_dir}",
+               "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=none", "trainer.epochs=1"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(err[-2000:] for _, err in outputs)
+
+    study = the_study(tmp_path)
+    assert len(counted(study)) == 4, [(t.number, t.state.name, t.user_attrs) for t in study.trials]
+    (parent,), children = all_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    numbers = sorted(int(c.data.tags["optuna.trial_number"]) for c in children)
+    assert numbers == sorted(t.number for t in counted(study)), "every trial is a child of the one parent"
