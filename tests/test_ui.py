@@ -144,3 +144,7 @@ def test_registered_model_shows_version_1_as_champion(visit, server_run: ServerR
     with visit("model_version", "models/digits-mlp/versions/1") as page:
         shown(page.get_by_text(champion), "@champion on the version page")
         shown(page.get_by_role("link", name=server_run.run["info"]["run_name"]), "the source run link")
+        # The model card (the version's Markdown description), rendered: its heading and its serving line.
+        shown(page.get_by_role("heading", name="digits-mlp v1"), "the model card's heading")
+        shown(page.get_by_text(re.compile(r"mlflow models serve -m models:/digits-mlp/1 --env-manager local")),
+              "the model card's serving command")
