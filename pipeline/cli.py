@@ -10,6 +10,7 @@ fix then ends as a single `error: ...` line and a non-zero exit (2 for config mi
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import signal
@@ -195,6 +196,10 @@ def run(hydra_main: Callable[[], Any]) -> None:
         hydra_main()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise composition errors to us
+    # A failing store (full disk, lost server) reaches us as an MLflow exception that
+    # ends in one line; MLflow's own logger would first print each with its traceback.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    logging.raiseExceptions = False  # a log file on a full disk must not bury the real error
     try:
         hydra_main()
     except PipelineError as error:

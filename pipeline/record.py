@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import keras
 import mlflow
+import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_logger import metric_key
@@ -98,15 +101,27 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
             if plan.sweep is None or plan.sweep.register == "all":  # else the sweep registers its best job
                 registry.register(MlflowClient(), cfg.mlflow, tracking.registered_model_name(cfg, plan.architecture),
                                   model_info.model_id, run_id, metrics)
-    except Exception as error:  # the store went away: keep what training produced
-        saved = plan.output_dir / "model.keras"
-        model.save(saved)
-        raise PipelineError(
-            f"training finished but MLflow could not record it ({one_line(error)}). "
-            f"Kept: the model in {saved}, per-epoch metrics in {epoch_logger.offline_file}"
-            + (f", checkpoints in {checkpointing.directory}" if checkpointing else "")
-        ) from error
+    except Exception as error:  # the store went away, or the disk filled: keep what training produced
+        raise PipelineError(f"training finished but MLflow could not record it ({one_line(error)}). "
+                            + kept(model, plan.output_dir / "model.keras", epoch_logger, checkpointing)) from error
     return metrics
+
+
+def kept(model: keras.Model, path: Path, epoch_logger, checkpointing) -> str:
+    """Save `model` to `path` (under a temporary name, then renamed: a full disk leaves
+    no truncated file) and say where the run's work is, for an error message."""
+    partial = path.with_name(f".{path.stem}.partial.keras")  # Keras saves only to *.keras
+    checkpoints = f", checkpoints in {checkpointing.directory}" if checkpointing else ""
+    try:
+        model.save(partial)
+        os.replace(partial, path)
+    except Exception as error:
+        partial.unlink(missing_ok=True)
+        latest = tf.train.latest_checkpoint(checkpointing.directory) if checkpointing else None
+        return (f"The model could not be saved to {path} either ({one_line(error, 200)}); "
+                + (f"the last complete checkpoint is {latest}" if latest else "no checkpoint was kept")
+                + f"; per-epoch metrics not in the store are in {epoch_logger.offline_file}")
+    return f"Kept: the model in {path}, per-epoch metrics in {epoch_logger.offline_file}{checkpoints}"
 
 
 def logged_history(run_id: str) -> dict[str, list[float]]:

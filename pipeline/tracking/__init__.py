@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -171,14 +172,19 @@ def start_run(
     run either way. `parent_run_id` nests a new run under another (a sweep's run).
     `log_system_metrics` goes to `mlflow.start_run` (None: MLflow's
     `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` decides; see `provenance.enable_system_metrics`).
+
+    A run whose process died before it could close it (kill -9, or a full disk) is
+    closed by the next start in its experiment on the same host (`close_orphans`).
     """
+    close_orphans(experiment_id, keep=run_id)
     if run_id is None:
         if parent_run_id is not None:  # e.g. a job of a Hydra sweep: a child of the sweep's run
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags),
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, **_process_tags()},
                                log_system_metrics=log_system_metrics)
     else:
         run = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+        mlflow.set_tags(_process_tags())
         if "failure_reason" in run.data.tags:  # the reason the previous attempt ended
             MlflowClient().delete_tag(run_id, "failure_reason")
     status = "FAILED"
@@ -196,19 +202,52 @@ def start_run(
         if log_file is not None and log_file.is_file():
             try:
                 mlflow.log_artifact(str(log_file))
-            except Exception:  # a lost log must not hide the run's real outcome
-                log.exception("could not attach %s to run %s", log_file, run.info.run_id)
+            except Exception as error:  # a lost log must not hide the run's real outcome
+                log.error("could not attach %s to run %s: %s", log_file, run.info.run_id, one_line(error))
         try:
             mlflow.end_run(status)  # leaves no active run even when the store does not answer
-        except Exception:
-            log.exception("could not mark run %s %s in the MLflow store", run.info.run_id, status)
+        except Exception as error:  # the next start closes it (`close_orphans`)
+            log.error("could not mark run %s %s in the MLflow store: %s", run.info.run_id, status, one_line(error))
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process holds a run open: host, pid and the pid's start time (pids are reused)."""
+    import psutil
+
+    return {"process.host": socket.gethostname(), "process.pid": str(os.getpid()),
+            "process.started": repr(psutil.Process().create_time())}
+
+
+def close_orphans(experiment_id: str, keep: str | None = None) -> list[str]:
+    """Mark FAILED, with a reason, every RUNNING run of `experiment_id` held by a process
+    of this host that no longer exists (other hosts' runs are left to them), except
+    `keep`; return their ids. They stay resumable (`resume=RUN_ID`)."""
+    import psutil
+
+    client = MlflowClient()
+    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and "
+                                               f"tags.`process.host` = '{socket.gethostname()}'")
+    closed = []
+    for run in runs:
+        pid, started = int(run.data.tags.get("process.pid", 0)), float(run.data.tags.get("process.started", 0))
+        try:
+            if run.info.run_id == keep or abs(psutil.Process(pid).create_time() - started) < 1:
+                continue  # being resumed, or its process is still there
+        except psutil.Error:  # no such process
+            pass
+        client.set_tag(run.info.run_id, "failure_reason", f"its process (pid {pid}) ended without closing the "
+                       "run: killed, or its disk or store failed; resume=RUN_ID continues it from its checkpoints")
+        client.set_terminated(run.info.run_id, "FAILED")
+        log.warning("run %s was left RUNNING by a process that is gone: marked FAILED", run.info.run_id)
+        closed.append(run.info.run_id)
+    return closed
 
 
 def _tag_failure(run_id: str, reason: str) -> None:
     try:
         MlflowClient().set_tag(run_id, "failure_reason", one_line(reason, 5000))
-    except Exception:  # the store may be the thing that failed; the status still gets set
-        log.exception("could not record the failure reason on run %s", run_id)
+    except Exception as error:  # the store may be the thing that failed; the status still gets set
+        log.error("could not record the failure reason on run %s: %s", run_id, one_line(error))
 
 
 def log_config(cfg: DictConfig, overrides: list[str]) -> None:
