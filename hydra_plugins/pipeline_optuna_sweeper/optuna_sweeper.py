@@ -59,6 +59,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Any]:
         from hydra.utils import instantiate
         from optuna.storages import fail_stale_trials
+        from optuna.storages._heartbeat import is_heartbeat_enabled
         from optuna.trial import TrialState
 
         from pipeline.tracking.optuna_runs import Children
@@ -72,6 +73,7 @@ class OptunaSweeper(Sweeper):
         study.sampler = instantiate(sampler)
         children = Children.of(study)  # None without the sweep callback (no MLflow parent)
         n_trials, n_jobs = int(settings["n_trials"]), max(1, int(settings.get("n_jobs") or 1))
+        heartbeats = is_heartbeat_enabled(study._storage)
         returns, launched, failed_before = [], 0, None
         while True:
             with warnings.catch_warnings():
@@ -83,7 +85,9 @@ class OptunaSweeper(Sweeper):
                 children.fail_dead(study)
             failed_before = failed
             done = sum(counts_toward_n_trials(t) for t in trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
+            # Without heartbeats (the journal storage) a dead trial stays RUNNING forever: then
+            # only finished trials count, and concurrent workers may overshoot n_trials.
+            running = sum(t.state == TrialState.RUNNING for t in trials) if heartbeats else 0
             if done >= n_trials:
                 break
             room = n_trials - done - running
@@ -93,7 +97,7 @@ class OptunaSweeper(Sweeper):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize": we record it
                 batch = [study.ask(dict(spec.space)) for _ in range(min(n_jobs, room))]
-            batch = [trial for trial in batch if not self._surplus(study, trial, n_trials)]
+            batch = [trial for trial in batch if not (heartbeats and self._surplus(study, trial, n_trials))]
             if batch:
                 returns += self._run(study, batch, children)
                 launched += len(batch)
