@@ -32,7 +32,7 @@ class OptunaTrial:
         number: the trial's number in its study (0, 1, ...).
         pruner: one of `PRUNERS`.
         startup_trials: trials that run to the end before any is pruned.
-        warmup_epochs: epochs every trial trains before it can be pruned.
+        warmup_epochs: the first epochs, on which no trial is judged.
     """
 
     storage: str
