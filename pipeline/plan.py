@@ -31,9 +31,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline import cli, recovery
 from pipeline.config import validate
 from pipeline.recovery import Resume
-from pipeline.tracking import optuna_trial, sweep
+from pipeline.tracking import optuna_trial, sweep_job
 from pipeline.tracking.optuna_trial import OptunaTrial
-from pipeline.tracking.sweep import SweepJob
+from pipeline.tracking.sweep_job import SweepJob
 from pipeline.training import distribute
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
     return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=list(hydra_node.overrides.task),
                    output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
-                   sweep=sweep.current_job(), optuna_trial=optuna_trial.current_trial())
+                   sweep=sweep_job.current_job(), optuna_trial=optuna_trial.current_trial())
 
 
 def resolve(

@@ -28,6 +28,9 @@ from mlflow_server import free_port
 from pipeline.tracking.registry import promote_if_better
 from pipeline.train import train
 
+# One xdist worker runs the module (`--dist loadgroup`), so its trainings and servers are made once.
+pytestmark = pytest.mark.xdist_group("registry")
+
 MLP, MULTI_IO = "digits-mlp", "synthetic_multimodal-multi_io"
 # `mlflow models serve` answers /ping after about 40 s on a loaded 2-core machine (FACTS.md).
 SERVE_TIMEOUT = 180.0

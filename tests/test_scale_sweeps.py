@@ -115,9 +115,10 @@ def test_parallel_sweep_into_mlflow_on_postgresql(postgres: PostgresCluster,  # 
                                                   tfds_dir: str, tmp_path: Path) -> None:
     url = postgres_mlflow_server.url
     assert postgres_mlflow_server.backend_store_uri.startswith("postgresql+psycopg2://")
+    # register=all: every job registers a version, in parallel, against PostgreSQL (the default registers the best).
     result = run_module("pipeline.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mlflow=server",
-                        "optimizer.lr=1e-3,3e-3,1e-2,3e-2", *TINY, f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
-                        env={"MLFLOW_TRACKING_URI": url})
+                        "hydra.callbacks.sweep.register=all", "optimizer.lr=1e-3,3e-3,1e-2,3e-2", *TINY,
+                        f"dataset.data_dir={tfds_dir}", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": url})
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(url)

@@ -21,9 +21,6 @@
   best child's run id, `@sweep-best` on its registered model version), ends the parent
   FINISHED, and exits non-zero if a job failed.
 
-Every child logs its model, so each can be inspected or evaluated (`runs:/RUN_ID/model`);
-`register` decides which become registered versions: `best` (one per sweep), `all`, `none`.
-
 A failed job does not stop the sweep: in a multirun, `pipeline.cli.task` returns a
 `JobFailure` instead of raising. Hydra itself swallows callback exceptions as warnings,
 so the exit code is set here with `SystemExit`.
@@ -37,18 +34,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli, tracking
 from pipeline.errors import ConfigError, one_line
 from pipeline.redact import redact, redact_command
+from pipeline.tracking.sweep_job import SWEEP_JOB_ENV, current_job, failure_of, find_children, optuna_tags, swept_keys
 from pipeline.tracking.sweep_summary import Summary, metric_vs_params
 
 log = logging.getLogger(__name__)
@@ -59,35 +56,8 @@ LOCK_RETRIES = 5
 
 T = TypeVar("T")
 
-
-# How a sweep job's process learns its parent run and its name: JSON
-# {"parent_run_id", "run_name", "tags", "register"}, set by `SweepRuns.on_job_start`,
-# read by `current_job` (the job's plan).
-SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
 # hydra.callbacks.sweep.register: which jobs' models become registered versions.
 REGISTER_CHOICES = ("best", "all", "none")
-
-
-@dataclass(frozen=True)
-class SweepJob:
-    """This job's place in a Hydra sweep: its run is a child of `parent_run_id`, named
-    by the job's swept overrides (e.g. `architecture=mlp optimizer.lr=0.001`); it registers
-    its model itself only if `register` is `all` (with `best`, the sweep does at its end)."""
-
-    parent_run_id: str
-    run_name: str
-    tags: Mapping[str, str]
-    register: str = "best"
-
-
-def current_job() -> SweepJob | None:
-    """The sweep job this process runs (set by `SweepRuns.on_job_start`),
-    or None outside a sweep."""
-    raw = os.environ.get(SWEEP_JOB_ENV)
-    if not raw:
-        return None
-    job = json.loads(raw)
-    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"], job.get("register", "best"))
 
 
 class SweepRuns(Callback):
@@ -258,7 +228,7 @@ class SweepRuns(Callback):
         os.environ[SWEEP_JOB_ENV] = json.dumps({
             "parent_run_id": self.parent_run_id,
             "run_name": " ".join(swept) or f"job {job}",
-            "tags": {"sweep.job": job, "sweep.params": json.dumps(params), **_optuna_trial_tags()},
+            "tags": {"sweep.job": job, "sweep.params": json.dumps(params), **optuna_tags()},
             "register": self.register,
         })
 
@@ -318,46 +288,9 @@ def _parent_run(config: DictConfig, tracking_uri: str, create: Callable[[Mapping
         raise  # unreachable: cli.fail exits
 
 
-def _optuna_trial_tags() -> dict[str, str]:
-    """`optuna.trial_number` for the job of an Optuna trial (the sweeper sets its env)."""
-    from pipeline.tracking.optuna_trial import current_trial
-
-    trial = current_trial()
-    return {} if trial is None else {"optuna.trial_number": str(trial.number)}
-
-
-def failure_of(job_return: JobReturn) -> str | None:
-    """Why a job failed, or None if it succeeded: an error `pipeline.cli.task` turned into
-    a `JobFailure` (or a non-finite optimized metric), or an exception that reached Hydra."""
-    from pipeline.cli import JobFailure
-
-    if job_return.status == JobStatus.FAILED:
-        error = job_return._return_value  # `return_value` would re-raise it
-        return f"{type(error).__name__}: {error}"
-    value = job_return.return_value
-    return value.reason if isinstance(value, JobFailure) else None
-
-
-def swept_keys(overrides: Sequence[str], search_space: Mapping[str, Any] | None) -> list[str]:
-    """Config keys a sweep varies: its sweep overrides (`a=1,2`, `glob(*)`, `interval(..)`)
-    and the sweeper's search space (`hydra.sweeper.params`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    return keys + [str(k) for k in (search_space or {}) if str(k) not in keys]
-
-
 def _key(override: str) -> str:
     """`+optimizer.lr=0.1` -> `optimizer.lr`; group overrides keep their group."""
     return override.partition("=")[0].lstrip("+~")
-
-
-def find_children(client, parent_run_id: str, extra_filter: str = "") -> list:
-    """Every run nested under `parent_run_id`, in any experiment (jobs may log to their own)."""
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and {extra_filter}" if extra_filter else "")
-    return client.search_runs(experiment_ids, query, max_results=10_000)
 
 
 def _warn_if_parallel_on_sqlite(config: DictConfig, uri: str) -> None:
