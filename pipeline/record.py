@@ -96,11 +96,15 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
                                   splits.test, splits.input_spec, run_id, guard.threshold if guard else None)
         report.log_keras_model(model)  # for pipeline.inspect: layers survive in .keras, not in a SavedModel
         if cfg.mlflow.log_model:
-            model_info = registry.log_saved_model(model, splits.input_spec,
-                                                  input_example=registry.example_inputs(splits.test))
+            client = MlflowClient()
+            # A resumed run may have logged its model before it was killed: never twice.
+            model_id = registry.logged_model_of(client, client.get_run(run_id)) if plan.resume else None
+            if model_id is None:
+                model_id = registry.log_saved_model(model, splits.input_spec,
+                                                    input_example=registry.example_inputs(splits.test)).model_id
             if plan.sweep is None or plan.sweep.register == "all":  # else the sweep registers its best job
-                registry.register(MlflowClient(), cfg.mlflow, tracking.registered_model_name(cfg, plan.architecture),
-                                  model_info.model_id, run_id, metrics)
+                registry.register(client, cfg.mlflow, tracking.registered_model_name(cfg, plan.architecture),
+                                  model_id, run_id, metrics)
     except Exception as error:  # the store went away, or the disk filled: keep what training produced
         raise PipelineError(f"training finished but MLflow could not record it ({one_line(error)}). "
                             + kept(model, plan.output_dir / "model.keras", epoch_logger, checkpointing)) from error

@@ -2,9 +2,9 @@
 uninterrupted one, with every metric once per step, one logged model and one
 registered version.
 
-Each case trains `python -m pipeline.train` in a real process, SIGKILLs it at one point
-(a checkpoint on disk, or a line it prints), resumes it in a new process, and compares
-the run with one that was never interrupted.
+`python -m pipeline.train` runs in a real process, is SIGKILLed at one point (a
+checkpoint on disk, or a line it prints), resumed in a new process that is killed at the
+next point, and so on; the finished run is compared with one never interrupted.
 """
 
 from __future__ import annotations
@@ -42,19 +42,15 @@ def _checkpoint_numbers(directory: Path) -> list[int]:
             if line.startswith("all_model_checkpoint_paths")]
 
 
-# Where to kill: a predicate over (checkpoint steps on disk, lines printed so far).
-KILL_POINTS: dict[str, tuple[list[str], Callable[[list[int], list[str]], bool]]] = {
-    "mid_epoch": (["callbacks.checkpoint.every_n_steps=10"],
-                  lambda steps, lines: any(STEPS_PER_EPOCH < s < 2 * STEPS_PER_EPOCH for s in steps)),
-    "after_first_epoch": (["callbacks.checkpoint.every_n_steps=null"],
-                          lambda steps, lines: STEPS_PER_EPOCH in steps),
-    "after_an_epoch_end": (["callbacks.checkpoint.every_n_steps=null"],
-                           lambda steps, lines: 2 * STEPS_PER_EPOCH in steps),
-    "during_export": (["callbacks.checkpoint.every_n_steps=null"],
-                      lambda steps, lines: any("final: {" in line for line in lines)),
-    "after_registration": (["callbacks.checkpoint.every_n_steps=null"],
-                           lambda steps, lines: any("Created version '1'" in line for line in lines)),
-}
+# Where to kill, in the order one run meets them: a predicate over (checkpoint steps on
+# disk, lines printed so far). Checkpoints every 10 steps and at each epoch's end (41, 82, ...).
+KILL_POINTS: list[tuple[str, Callable[[list[int], list[str]], bool]]] = [
+    ("after the first epoch", lambda steps, lines: STEPS_PER_EPOCH in steps),
+    ("mid-epoch", lambda steps, lines: STEPS_PER_EPOCH + 9 in steps),
+    ("right after a later epoch's end", lambda steps, lines: 2 * STEPS_PER_EPOCH in steps),
+    ("during export", lambda steps, lines: any("final: {" in line for line in lines)),
+    ("after registration", lambda steps, lines: any(f"registered models:/{MODEL}/1" in line for line in lines)),
+]
 
 
 def _train_and_kill(cwd: Path, overrides: list[str], kill_when) -> None:
@@ -111,15 +107,16 @@ def reference(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_kill_9_then_resume_records_everything_exactly_once(point: str, reference, tfds_dir: str,
-                                                           tmp_path: Path) -> None:
-    extra, kill_when = KILL_POINTS[point]
-    _train_and_kill(tmp_path, [f"dataset.data_dir={tfds_dir}", *COMMON, *extra,
-                               f"callbacks.checkpoint.directory={tmp_path / 'checkpoints'}"], kill_when)
+def test_kill_9_at_every_point_then_resume_records_everything_exactly_once(reference, tfds_dir: str,
+                                                                          tmp_path: Path) -> None:
+    """One run killed at each point in turn, each time resumed with `resume=last` (which
+    is then killed at the next point), and finally resumed to its end."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert _only_run(client).info.status == "RUNNING", "kill -9 leaves no chance to close the run"
-
+    first = [f"dataset.data_dir={tfds_dir}", *COMMON, "callbacks.checkpoint.every_n_steps=10",
+             f"callbacks.checkpoint.directory={tmp_path / 'checkpoints'}"]
+    for number, (point, kill_when) in enumerate(KILL_POINTS):
+        _train_and_kill(tmp_path, first if number == 0 else ["resume=last"], kill_when)
+        assert _only_run(client).info.status == "RUNNING", f"killed {point}: nothing closed the run"
     resumed = run_module("pipeline.train", "resume=last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
+from mlflow.entities import LoggedModelStatus, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
@@ -191,9 +192,22 @@ def head_means(metrics: Mapping[str, float], heads: Sequence[str],
     return means
 
 
+def logged_model_of(client: MlflowClient, run: Run) -> str | None:
+    """The id of the model `run` has already logged (before a kill, when a resume
+    continues it), or None. One left unfinished by the kill is deleted: it is logged again."""
+    found = None
+    for model in client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'"):
+        if model.status == LoggedModelStatus.READY and found is None:
+            found = model.model_id
+        else:
+            client.delete_logged_model(model.model_id)
+    return found
+
+
 def register(client: MlflowClient, cfg: DictConfig, name: str, model_id: str, run_id: str,
              metrics: Mapping[str, float]) -> ModelVersion:
-    """Register the logged model `model_id` of run `run_id` as a new version of `name`,
+    """Register the logged model `model_id` of run `run_id` as a new version of `name`
+    (or take the version the run registered before a kill),
     write its model card (`model_card`), and move the champion alias (`cfg` is the run's
     `mlflow` group) to it if its `cfg.champion_metric` in `metrics` beats the champion's by
     more than `cfg.champion_min_delta`. The run is tagged with the version and the outcome.
@@ -203,8 +217,10 @@ def register(client: MlflowClient, cfg: DictConfig, name: str, model_id: str, ru
     except mlflow.MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    model_version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
-                                                model_id=model_id)
+    # A resumed run that was killed after registering keeps its version: one per run.
+    registered = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    model_version = registered[0] if registered else client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
     version = str(model_version.version)
     model_card.describe(client, name, version)
     alias, metric = cfg.champion_alias, cfg.champion_metric
