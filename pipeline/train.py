@@ -154,6 +154,8 @@ def compile_args(architecture: DictConfig) -> dict:
 @cli.task
 def main(cfg: DictConfig) -> float:
     run_plan = plan.from_hydra(cfg)
+    if run_plan.sweep is not None and run_plan.sweep.finished is not None:  # +sweep.resume: done there
+        return run_plan.sweep.finished
     metrics = train(run_plan)
     cfg = run_plan.cfg
     if cfg.optimized_metric not in metrics:

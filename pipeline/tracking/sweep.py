@@ -92,6 +92,7 @@ class SweepRuns(Callback):
         self.swept_keys: list[str] = []
         self.optimized_metric = ""
         self._closed = False
+        self.finished_jobs: dict[str, float] = {}  # +sweep.resume: job name -> its metric there
 
     # -- launching process -------------------------------------------------------------
 
@@ -138,7 +139,18 @@ class SweepRuns(Callback):
                 },
             )).info.run_id
 
-        self.parent_run_id = _parent_run(config, self.tracking_uri, create)
+        resumed = OmegaConf.select(config, "sweep.resume", default=None)
+        if resumed:  # +sweep.resume=PARENT_RUN_ID: the jobs that finished there are not run again
+            from pipeline.tracking import sweep_resume
+
+            try:
+                self.finished_jobs = sweep_resume.reopen(MlflowClient(self.tracking_uri), str(resumed),
+                                                         self.optimized_metric)
+            except PipelineError as error:
+                cli.fail(error, error.exit_code)
+            self.parent_run_id = str(resumed)
+        else:
+            self.parent_run_id = _parent_run(config, self.tracking_uri, create)
         # If the sweep dies before on_multirun_end (a crashed sweeper, Ctrl-C), the parent
         # still ends, instead of staying RUNNING.
         atexit.register(self._end_unfinished_parent)
@@ -230,6 +242,7 @@ class SweepRuns(Callback):
             "run_name": " ".join(swept) or f"job {job}",
             "tags": {"sweep.job": job, "sweep.params": json.dumps(params), **optuna_tags()},
             "register": self.register,
+            "finished": self.finished_jobs.get(" ".join(swept) or f"job {job}"),
         })
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:

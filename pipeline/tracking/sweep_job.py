@@ -23,12 +23,15 @@ SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
 class SweepJob:
     """This job's place in a Hydra sweep: its run is a child of `parent_run_id`, named
     by the job's swept overrides (e.g. `architecture=mlp optimizer.lr=0.001`); it registers
-    its model itself only if `register` is `all` (with `best`, the sweep does at its end)."""
+    its model itself only if `register` is `all` (with `best`, the sweep does at its end).
+    `finished` is the optimized metric of its FINISHED child in the sweep it resumes
+    (`+sweep.resume`, `pipeline.tracking.sweep_resume`): then the job is not run again."""
 
     parent_run_id: str
     run_name: str
     tags: Mapping[str, str]
     register: str = "best"
+    finished: float | None = None
 
 
 def current_job() -> SweepJob | None:
@@ -38,7 +41,8 @@ def current_job() -> SweepJob | None:
     if not raw:
         return None
     job = json.loads(raw)
-    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"], job.get("register", "best"))
+    return SweepJob(job["parent_run_id"], job["run_name"], job["tags"], job.get("register", "best"),
+                    job.get("finished"))
 
 
 def failure_of(job_return: JobReturn) -> str | None:

@@ -35,6 +35,8 @@ class Summary:
     def of(cls, children: Sequence, metric: str, direction: str) -> Summary:
         rows, params = [], []
         for run in children:
+            if run.data.tags.get("sweep.superseded"):  # run again by a resumed sweep (tracking.sweep_resume)
+                continue
             swept = json.loads(run.data.tags.get("sweep.params", "{}"))
             params += [key for key in swept if key not in params]
             metrics = {k: v for k, v in run.data.metrics.items()
