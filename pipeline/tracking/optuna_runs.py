@@ -15,13 +15,29 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from pipeline.errors import one_line
+from omegaconf import DictConfig
+
+from pipeline import cli
+from pipeline.errors import PipelineError, one_line
 from pipeline.tracking.optuna_study import StudySpec
 
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow.parent_run_id"  # study user attributes: the study's MLflow parent run...
 TRACKING_URI_ATTR = "mlflow.tracking_uri"  # ... and the store it is in
+
+
+def parent_run(config: DictConfig, tracking_uri: str, create: Callable[[Mapping[str, str]], str]) -> str:
+    """A sweep's parent run (for `SweepRuns`): a new one from `create(tags)`, except under our
+    Optuna sweeper, where the study has one parent run across commands and workers. A bad
+    search fails here in one line, before any run."""
+    if not str(config.hydra.sweeper.get("_target_", "")).startswith("hydra_plugins.pipeline_optuna_sweeper."):
+        return create({})
+    try:
+        return attach_parent(StudySpec.from_config(config), tracking_uri, create)
+    except PipelineError as error:
+        cli.fail(error, error.exit_code)
+        raise  # unreachable: cli.fail exits
 
 
 def attach_parent(spec: StudySpec, tracking_uri: str, create: Callable[[Mapping[str, str]], str]) -> str:

@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import cli, tracking
 from pipeline.errors import ConfigError, one_line
 from pipeline.redact import redact, redact_command
+from pipeline.tracking import optuna_runs, sweep_resume
 from pipeline.tracking.sweep_job import SWEEP_JOB_ENV, current_job, failure_of, find_children, optuna_tags, swept_keys
 from pipeline.tracking.sweep_summary import Summary, metric_vs_params
 
@@ -101,7 +102,7 @@ class SweepRuns(Callback):
 
         from pipeline.errors import PipelineError
 
-        overrides = list(config.hydra.overrides.task)
+        overrides = cli.overrides(config.hydra)
         self.swept_keys = swept_keys(overrides, config.hydra.sweeper.get("params"))
         self.optimized_metric = str(config.optimized_metric)
         if self.direction == "auto":
@@ -141,16 +142,10 @@ class SweepRuns(Callback):
 
         resumed = OmegaConf.select(config, "sweep.resume", default=None)
         if resumed:  # +sweep.resume=PARENT_RUN_ID: the jobs that finished there are not run again
-            from pipeline.tracking import sweep_resume
-
-            try:
-                self.finished_jobs = sweep_resume.reopen(MlflowClient(self.tracking_uri), str(resumed),
-                                                         self.optimized_metric)
-            except PipelineError as error:
-                cli.fail(error, error.exit_code)
+            self.finished_jobs = sweep_resume.reopened(self.tracking_uri, str(resumed), self.optimized_metric)
             self.parent_run_id = str(resumed)
-        else:
-            self.parent_run_id = _parent_run(config, self.tracking_uri, create)
+        else:  # a new parent, or (our Optuna sweeper) the study's own
+            self.parent_run_id = optuna_runs.parent_run(config, self.tracking_uri, create)
         # If the sweep dies before on_multirun_end (a crashed sweeper, Ctrl-C), the parent
         # still ends, instead of staying RUNNING.
         atexit.register(self._end_unfinished_parent)
@@ -235,7 +230,7 @@ class SweepRuns(Callback):
         if self.parent_run_id is None:  # a single run, not a sweep
             return
         job = str(config.hydra.job.num)
-        swept = [o for o in config.hydra.overrides.task if _key(o) in self.swept_keys]
+        swept = [o for o in cli.overrides(config.hydra) if _key(o) in self.swept_keys]
         params = {_key(o): o.partition("=")[2] for o in swept}
         os.environ[SWEEP_JOB_ENV] = json.dumps({
             "parent_run_id": self.parent_run_id,
@@ -283,22 +278,6 @@ class SweepRuns(Callback):
             return client.create_experiment(str(name))
         except Exception:  # another job created it a moment ago
             return client.get_experiment_by_name(str(name)).experiment_id
-
-
-def _parent_run(config: DictConfig, tracking_uri: str, create: Callable[[Mapping[str, str]], str]) -> str:
-    """The sweep's parent run: a new one from `create(tags)`, except under our Optuna
-    sweeper, where the study has one parent run across commands and workers
-    (`pipeline.tracking.optuna_runs`). A bad search fails here in one line, before any run."""
-    if not str(config.hydra.sweeper.get("_target_", "")).startswith("hydra_plugins.pipeline_optuna_sweeper."):
-        return create({})
-    from pipeline.errors import PipelineError
-    from pipeline.tracking import optuna_runs, optuna_study
-
-    try:
-        return optuna_runs.attach_parent(optuna_study.StudySpec.from_config(config), tracking_uri, create)
-    except PipelineError as error:
-        cli.fail(error, error.exit_code)
-        raise  # unreachable: cli.fail exits
 
 
 def _key(override: str) -> str:

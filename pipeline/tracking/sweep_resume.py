@@ -16,12 +16,24 @@ from __future__ import annotations
 import logging
 import math
 
-from pipeline.errors import ConfigError
+from pipeline import cli
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.tracking.sweep_job import find_children
 
 log = logging.getLogger(__name__)
 
 SUPERSEDED_TAG = "sweep.superseded"  # a child the resumed sweep ran again; not in the summary
+
+
+def reopened(tracking_uri: str, parent_run_id: str, optimized_metric: str) -> dict[str, float]:
+    """`reopen`, for `SweepRuns`: a bad run id ends the command in one line."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return reopen(MlflowClient(tracking_uri), parent_run_id, optimized_metric)
+    except PipelineError as error:
+        cli.fail(error, error.exit_code)
+        raise  # unreachable: cli.fail exits
 
 
 def reopen(client, parent_run_id: str, optimized_metric: str) -> dict[str, float]:
