@@ -57,6 +57,15 @@ def job_output_dir(hydra_node: Any = None) -> Path | None:
     return Path(str(hydra_node.runtime.output_dir)).absolute()
 
 
+def overrides(hydra_node: Any) -> list[str]:
+    """The job's overrides as typed (`hydra_node` is a config's `hydra` node), without
+    resolving what they hold: `optimizer.lr=${oc.env:LR}` is a string here, not a lookup
+    that fails before the config is validated."""
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.to_container(hydra_node.overrides.task, resolve=False)]
+
+
 def job_log_file(hydra_node: Any = None) -> Path | None:
     """Hydra's log of the job (`<output dir>/<job name>.log`), or None outside a Hydra job."""
     output_dir = job_output_dir(hydra_node)

@@ -18,9 +18,9 @@ from typing import Any, Callable, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, one_line
 from pipeline.training import distribute
 
 # "mixed" picks mixed_float16 (with loss scaling) on a GPU and mixed_bfloat16 otherwise.
@@ -202,6 +202,10 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as error:
         raise ConfigError(f"{error.full_key} is missing: give it a value") from None
+    except InterpolationResolutionError as error:  # e.g. ${oc.env:NAME} of an unset variable
+        # "KeyError raised while resolving interpolation: "Environment variable 'X' not found"" -> the quoted part
+        reason = str(error.msg).strip().splitlines()[0].split("while resolving interpolation: ", 1)[-1].strip('"')
+        raise ConfigError(f"{error.full_key}: {one_line(reason)}") from None
 
     _check(cfg, "seed", lambda v: v >= 0, "must be >= 0")
     _check(cfg, "dataset.batch_size", lambda v: v >= 1, "must be >= 1")
@@ -230,6 +234,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "precision.policy", lambda v: v in PRECISION_POLICIES,
            f"must be one of {PRECISION_POLICIES}")
     _check(cfg, "mlflow.experiment_name", lambda v: bool(v.strip()), "must not be empty")
+    # MLflow's stores keep experiment names in a 256-character column.
+    _check(cfg, "mlflow.experiment_name", lambda v: len(v) <= 256, "must be at most 256 characters")
     _check(cfg, "mlflow.champion_alias", lambda v: v.strip() and v != "latest",
            "must be a non-empty alias other than 'latest' (MLflow reserves it)")
     _check(cfg, "mlflow.champion_mode", lambda v: v in ("max", "min"), "must be 'max' or 'min'")
@@ -248,6 +254,15 @@ def validate(cfg: DictConfig) -> None:
     _check_target(cfg, "optimizer")
     builder = _check_target(cfg, "architecture")
     _check_keywords(cfg, "architecture", builder, runtime_args=1)
+    if cfg.architecture.get("members") is not None:  # ensembles: before any data is read
+        from architectures.members import check_members
+
+        member_overrides = cfg.architecture.get("member_overrides")
+        try:
+            check_members(list(cfg.architecture.members), {} if member_overrides is None else
+                          OmegaConf.to_container(member_overrides, resolve=True))
+        except ValueError as error:
+            raise ConfigError(f"architecture.{error}") from None
     compile_args = cfg.architecture.get("compile")
     if compile_args is not None and not (isinstance(compile_args, DictConfig) and "loss" in compile_args):
         raise ConfigError(f"architecture.compile must be a mapping with a `loss`. Received: {compile_args!r}")
@@ -269,7 +284,7 @@ def validate(cfg: DictConfig) -> None:
 def _check(cfg: DictConfig, key: str, ok: Callable[[Any], Any], rule: str) -> None:
     value = OmegaConf.select(cfg, key)
     if not ok(value):
-        raise ConfigError(f"{key} {rule}. Received: {value!r}")
+        raise ConfigError(f"{key} {rule}. Received: {one_line(repr(value), 200)}")
 
 
 def _check_target(cfg: DictConfig, key: str, prefix: str = "") -> Callable[..., Any]:

@@ -120,12 +120,12 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
     hydra_node = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]
-    return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=list(hydra_node.overrides.task),
+    return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=cli.overrides(hydra_node),
                    output_dir=output_dir)
 
 
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
-    return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=list(hydra_node.overrides.task),
+    return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=cli.overrides(hydra_node),
                    output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
                    sweep=sweep_job.current_job(), optuna_trial=optuna_trial.current_trial())
 

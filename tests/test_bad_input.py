@@ -26,6 +26,11 @@ from pipeline.train import cli_main
 BAD_INPUTS = [
     (["architecture=transformer"], 2, "Could not find 'architecture/transformer'"),
     (["optimizer=lion"], 2, "Could not find 'optimizer/lion'"),
+    (["optimizer.lr=${oc.env:NO_SUCH_VARIABLE_HERE}"], 2,
+     "optimizer.lr: Environment variable 'NO_SUCH_VARIABLE_HERE' not found"),
+    (["mlflow.experiment_name=" + "x" * 300], 2, "mlflow.experiment_name must be at most 256 characters"),
+    (["architecture=ensemble", "architecture.members=[]"], 2,
+     "architecture.members must list at least 2 architecture names. Received: []"),
     (["precision=fp8"], 2, "Could not find 'precision/fp8'"),
     (["optimizer.lr=0"], 2, "optimizer.lr must be > 0. Received: 0.0"),
     (["optimizer.lr=-1e-3"], 2, "optimizer.lr must be > 0. Received: -0.001"),
