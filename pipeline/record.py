@@ -91,6 +91,10 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
         if epoch_logger.first_failure is not None:
             raise ConnectionError(f"unreachable since {epoch_logger.first_failure}")
         log_once(run_id, final, step=initial_epoch + len(history.epoch))
+        if not any(a.path == "config.yaml" for a in MlflowClient().list_artifacts(run_id)):
+            log.warning("config.yaml of run %s is gone (were its artifacts deleted while it ran?): logged again, "
+                        "so that resume= and reproduce= still work; artifacts logged before it are lost", run_id)
+            tracking.log_config_file(cfg)
         # Plots never fail a run: each failure is a warning naming the plot.
         report.log_training_plots(curves, model, guarded.optimizer, splits.steps_per_epoch * cfg.trainer.epochs,
                                   splits.test, splits.input_spec, run_id, guard.threshold if guard else None)

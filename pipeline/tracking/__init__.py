@@ -253,11 +253,15 @@ def _tag_failure(run_id: str, reason: str) -> None:
 def log_config(cfg: DictConfig, overrides: list[str]) -> None:
     """The resolved config as flattened params and as `config.yaml`; overrides and the
     command as tags. Secrets are redacted first (`pipeline.redact`)."""
-    container = redact_config(OmegaConf.to_container(cfg, resolve=True))  # no URL credentials
-    mlflow.log_params(flatten(container))
+    mlflow.log_params(flatten(redact_config(OmegaConf.to_container(cfg, resolve=True))))
     mlflow.set_tag("overrides", " ".join(redact_command(overrides)) if overrides else "(defaults)")
     mlflow.set_tag("command", " ".join([os.path.basename(sys.executable), *redact_command(sys.argv)]))
-    mlflow.log_text(OmegaConf.to_yaml(container), "config.yaml")
+    log_config_file(cfg)
+
+
+def log_config_file(cfg: DictConfig) -> None:
+    """`config.yaml`, the record `resume=` and `reproduce=` train from (secrets redacted)."""
+    mlflow.log_text(OmegaConf.to_yaml(redact_config(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
 
 
 def log_dataset(name: str, version: str, sizes: Mapping[str, int]) -> None:
