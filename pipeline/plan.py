@@ -38,6 +38,7 @@ from pipeline.training import distribute
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class RunPlan:
     """Everything one training run depends on, fixed before it starts.
