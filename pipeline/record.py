@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError, one_line
 from pipeline.fit_callbacks import FitCallbacks
 from pipeline.plan import RunPlan
 from pipeline.tracking import provenance, registry, report
-from pipeline.training import debug
+from pipeline.training import debug, precision
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,11 @@ def opened_run(plan: RunPlan, policy: str) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
-def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: str, checkpoints: bool) -> None:
-    """What the run records before training: the config, data and model of a new run;
-    that it was resumed, and with how many epochs, for a resumed one."""
+def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: precision.Resolved,
+                checkpoints: bool) -> None:
+    """What the run records before training: the config, data, precision (the policy
+    chosen and why) and model of a new run; that it was resumed, and with how many
+    epochs, for a resumed one."""
     cfg = plan.cfg
     mlflow.set_tags(debug.tags(cfg))  # a debug run says so: it never passes for a real one
     if plan.reproduces is not None:
@@ -55,7 +57,7 @@ def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: 
         mlflow.set_tag("resumed_with_epochs", str(cfg.trainer.epochs))
         return
     tracking.log_config(cfg, list(plan.overrides))
-    mlflow.log_param("precision.resolved_policy", policy)
+    mlflow.log_params({"precision.resolved_policy": policy.policy, "precision.reason": policy.reason})
     tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
     provenance.log_dataset_input(cfg.dataset.name, str(splits.info.version), splits.sizes,
                                  data_dir=splits.info.data_dir)

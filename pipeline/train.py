@@ -63,7 +63,7 @@ def train(plan: RunPlan) -> dict[str, float]:
     callbacks = FitCallbacks.from_plan(plan)
     keras.backend.clear_session(free_memory=True)  # a sweep runs several jobs in one process
     with precision.applied(cfg.precision.policy) as policy, strategy.scope():  # build and compile in scope
-        log.info("precision: %s (configured: %s)", policy, cfg.precision.policy)
+        log.info("precision: %s (precision.policy=%s: %s)", policy.policy, cfg.precision.policy, policy.reason)
         keras.utils.set_random_seed(cfg.seed)
         splits = data.load(cfg.dataset, seed=cfg.seed)
         splits = debug.apply(cfg, splits)  # debug=smoke|overfit|limit: fewer batches, or one repeated
@@ -75,7 +75,7 @@ def train(plan: RunPlan) -> dict[str, float]:
         guarded = compile_guarded(plan, model, splits, callbacks.guard, strategy)
         initial_epoch = callbacks.restore(plan, guarded, splits.steps_per_epoch)
 
-        with record.opened_run(plan, policy) as run:
+        with record.opened_run(plan, policy.policy) as run:
             run_id = run.info.run_id
             record.run_started(plan, run_id, model, splits, policy, checkpoints=callbacks.checkpointing is not None)
             with callbacks.running(strategy):

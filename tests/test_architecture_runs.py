@@ -39,10 +39,12 @@ def test_each_family_trains_and_registers(name: str, tfds_dir: str, mlflow_store
 
 @pytest.mark.slow
 def test_resnet_mixed_reloads_as_float32_without_project_code(tfds_dir: str, mlflow_store: str, tmp_path: Path) -> None:
-    train(compose_plan(["architecture=resnet", "precision=mixed", "trainer.epochs=1", f"dataset.data_dir={tfds_dir}"]))
+    # precision=mixed_bf16 forces bfloat16 (precision=mixed would pick float32 on a CPU without AMX).
+    train(compose_plan(["architecture=resnet", "precision=mixed_bf16", "trainer.epochs=1",
+                        f"dataset.data_dir={tfds_dir}"]))
     _, run = finished_run(tmp_path, "digits")
-    assert run.data.params["precision.policy"] == "mixed"
-    assert run.data.params["precision.resolved_policy"] == "mixed_bfloat16"  # no GPU here
+    assert run.data.params["precision.policy"] == "mixed_bfloat16"
+    assert run.data.params["precision.resolved_policy"] == "mixed_bfloat16"
     assert run.data.tags["precision"] == "mixed_bfloat16"
     assert re.fullmatch(r"resnet-digits-mixed_bfloat16-[0-9a-f]{6}", run.info.run_name)
     report = reload_without_project(tmp_path, SCORE_DIGITS, f"sqlite:///{tmp_path / 'mlflow.db'}",
