@@ -130,7 +130,8 @@ def test_hopeless_trials_are_pruned_and_a_rerun_continues_the_study(tfds_dir: st
     assert result.returncode == 0, result.stderr[-3000:]
 
     study = the_study(tmp_path)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED"], [
+        t.user_attrs for t in study.trials]
     assert [t.params["optimizer.lr"] for t in study.trials] == [0.01, 1e-7, 1e-7]
     assert [t.user_attrs.get("pruned_at_epoch") for t in study.trials] == [None, 0, 0]
 
@@ -166,7 +167,7 @@ def test_a_trial_in_a_joblib_worker_is_pruned_through_the_storage(tfds_dir: str,
                     "hydra.launcher.n_jobs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     study = the_study(tmp_path)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"], [t.user_attrs for t in study.trials]
     _, children = all_runs(tmp_path)
     assert sorted(c.data.tags["trial_state"] for c in children) == ["COMPLETE", "PRUNED"]
 
