@@ -23,6 +23,23 @@ from pipeline.plan import compose as compose_plan  # noqa: F401  (a run's plan, 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def under_ci() -> bool:
+    """`$CI` is set, as `.ci/run` sets it."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_program(name: str, install: str) -> str:
+    """The path of the system program `name` a test needs. Missing, it skips the test
+    with how to install it, except under CI, where it fails: `.ci/run` installs it."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"`{name}` is missing: {install}"
+        if under_ci():
+            pytest.fail(f"{reason}; CI must run this test (.ci/run installs it)")
+        pytest.skip(reason)
+    return path
+
+
 def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
                timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m module args...` in a fresh interpreter, as a user would run it."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from conftest import run_module
+from conftest import run_module, under_ci
 from mlflow.tracking import MlflowClient
 
 from pipeline.training.checkpoint_store import latest_readable
@@ -26,7 +26,7 @@ def small_disk(tmp_path: Path):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
                              text=True)
     if mounted.returncode != 0:
-        if os.environ.get("CI"):
+        if under_ci():
             pytest.fail(f"cannot mount a tmpfs under CI: {mounted.stderr.strip()}")
         pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.strip()}")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import require_program
 
 from architectures import InputSpec, mlp
 from pipeline.figures import activations, learning_rates, plots
@@ -157,6 +158,7 @@ def tiny_model() -> keras.Model:
 
 
 def test_architecture_diagram_writes_a_png(tiny_model, tmp_path: Path) -> None:
+    require_program("dot", "apt-get install graphviz")
     path = plots.architecture_diagram(tiny_model, tmp_path / "diagrams" / "mlp.png")
     assert path == tmp_path / "diagrams" / "mlp.png"
     assert_png(path)

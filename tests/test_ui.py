@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_program
 from mlflow_server import ServerRun
 
 pytestmark = pytest.mark.slow
@@ -28,8 +29,7 @@ WAIT_MS = 30_000
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    require_program(str(CHROMIUM), "apt-get install chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -119,7 +119,8 @@ def test_run_page_shows_name_params_and_metrics(visit, server_run: ServerRun) ->
 
 
 def test_run_artifacts_tab_lists_files_and_plots(visit, server_run: ServerRun) -> None:
-    # Every figure pipeline/tracking/report.py logs under plots/; architecture.png needs Graphviz, which CI installs.
+    # Every figure pipeline/tracking/report.py logs under plots/; architecture.png needs Graphviz.
+    require_program("dot", "apt-get install graphviz")
     plots = ["learning_curves", "confusion_matrix", "grad_norm", "learning_rate", "architecture"]
     expected = ["config.yaml", "model_summary.txt", "train.log", *(f"plots/{name}.png" for name in plots)]
     with visit("run_artifacts", f"experiments/{server_run.experiment_id}/runs/{server_run.run_id}/artifacts") as page:
