@@ -92,22 +92,25 @@ class Children:
             MlflowClient(self.tracking_uri).set_tag(run.info.run_id, "trial_state", state)
 
     def fail_dead(self, study) -> None:
-        """End FAILED the RUNNING children of trials that Optuna failed (their process died)."""
+        """End FAILED the RUNNING children of trials that Optuna failed (their process died),
+        and tag `trial_state=FAIL` on those the run's own start-up check ended already."""
         from mlflow.tracking import MlflowClient
         from optuna.trial import TrialState
 
         states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
         client = MlflowClient(self.tracking_uri)
-        for run in self._runs("attributes.status = 'RUNNING'"):
+        for run in self._runs():  # MLflow's search compares a status with one value only
             number = run.data.tags.get("optuna.trial_number")
-            if number is None or states.get(int(number)) != TrialState.FAIL:
+            if (number is None or states.get(int(number)) != TrialState.FAIL or "trial_state" in run.data.tags
+                    or run.info.status not in ("RUNNING", "FAILED")):
                 continue
-            client.set_tag(run.info.run_id, "failure_reason", f"its process died: Optuna found no heartbeat of "
-                                                               f"trial {number}, marked it FAIL and asks it again")
             client.set_tag(run.info.run_id, "trial_state", "FAIL")
-            client.set_terminated(run.info.run_id, "FAILED")
-            log.warning("optuna: trial %s died with its process; child run %s marked FAILED", number,
-                        run.info.run_id)
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "failure_reason", f"its process died: Optuna found no heartbeat of "
+                                                                   f"trial {number}, marked it FAIL and asks it again")
+                client.set_terminated(run.info.run_id, "FAILED")
+                log.warning("optuna: trial %s died with its process; child run %s marked FAILED", number,
+                            run.info.run_id)
 
     def log_figures(self, study) -> None:
         """Optuna's optimization history, parameter importances (given enough complete
