@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, compose_config, compose_plan
+from conftest import REPO, compose_config, compose_plan, new_mlflow_store
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -119,7 +119,7 @@ MIRRORED = textwrap.dedent(
     import keras
     from architectures import mlp_bn
     from architectures.common import InputSpec
-    strategy = distribute.strategy_for(compose(sys.argv[1:]).distribution)
+    strategy = distribute.strategy_for(compose(sys.argv[1:]).cfg.distribution)
     with strategy.scope():
         model = mlp_bn.build(InputSpec(shape=(8, 8, 1), dtype="uint8", num_classes=10))
     changed = distribute.synchronize_batch_norm(model, strategy)
@@ -159,8 +159,8 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tfds_dir: str, mlflow
 
 # -- multi_worker: two processes on 127.0.0.1 ---------------------------------------------
 @pytest.mark.slow
-def test_two_workers_make_one_run_with_identical_weights(tfds_dir: str, tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_two_workers_make_one_run_with_identical_weights(tfds_dir: str, tmp_path: Path, empty_mlflow_db: Path) -> None:
+    store = new_mlflow_store(tmp_path, empty_mlflow_db)
     weights_dir = tmp_path / "weights"
     weights_dir.mkdir()
     result = subprocess.run(
@@ -197,8 +197,9 @@ def _start_worker(index: int, addresses: list[str], cwd: Path, store: str, *args
 
 
 @pytest.mark.slow
-def test_killed_worker_ends_the_other_with_one_clear_line_and_the_run_resumes(tfds_dir: str, tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_killed_worker_ends_the_other_with_one_clear_line_and_the_run_resumes(tfds_dir: str, tmp_path: Path,
+                                                                              empty_mlflow_db: Path) -> None:
+    store = new_mlflow_store(tmp_path, empty_mlflow_db)
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
     args = [f"dataset.data_dir={tfds_dir}", "trainer.epochs=3", "distribution.timeout_seconds=20",
             "callbacks.early_stopping=null"]

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compose_plan, run_module
+from conftest import compose_plan, new_mlflow_store, run_module
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import DivergenceError
@@ -36,7 +36,9 @@ def histories(client: MlflowClient, run_id: str, keys=EPOCH_KEYS) -> dict[str, l
             for key in keys}
 
 
-def test_absurd_learning_rate_fails_naming_layer_and_step(tfds_dir: str, tmp_path: Path) -> None:
+def test_absurd_learning_rate_fails_naming_layer_and_step(tfds_dir: str, tmp_path: Path,
+                                                         empty_mlflow_db: Path) -> None:
+    new_mlflow_store(tmp_path, empty_mlflow_db)
     result = run_module("pipeline.train", "optimizer=sgd", "optimizer.lr=1e12", "trainer.epochs=2",
                         f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
     assert result.returncode == 1
@@ -170,15 +172,18 @@ def _wait_for_checkpoints(directory: Path, count: int, process: subprocess.Popen
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_continues_the_same_run_exactly(tfds_dir: str, tmp_path: Path) -> None:
+def test_kill_9_then_resume_continues_the_same_run_exactly(tfds_dir: str, tmp_path: Path,
+                                                           empty_mlflow_db: Path) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
+    new_mlflow_store(reference, empty_mlflow_db)
     done = run_module("pipeline.train", f"dataset.data_dir={tfds_dir}", *FAST, "trainer.epochs=4", cwd=reference)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = only_run(MlflowClient(f"sqlite:///{reference / 'mlflow.db'}"))
 
     killed = tmp_path / "killed"
     killed.mkdir()
+    new_mlflow_store(killed, empty_mlflow_db)
     process = _start_training(killed, tfds_dir)
     _wait_for_checkpoints(killed / "checkpoints", 2, process)
     process.send_signal(signal.SIGKILL)
@@ -201,7 +206,9 @@ def test_kill_9_then_resume_continues_the_same_run_exactly(tfds_dir: str, tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_saves_marks_killed_and_resume_last_finishes(tfds_dir: str, tmp_path: Path) -> None:
+def test_sigterm_saves_marks_killed_and_resume_last_finishes(tfds_dir: str, tmp_path: Path,
+                                                            empty_mlflow_db: Path) -> None:
+    new_mlflow_store(tmp_path, empty_mlflow_db)
     process = _start_training(tmp_path, tfds_dir)
     _wait_for_checkpoints(tmp_path / "checkpoints", 1, process)
     process.send_signal(signal.SIGTERM)

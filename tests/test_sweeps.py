@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO, compose_config, compose_plan, run_module
+from conftest import REPO, compose_config, compose_plan, new_mlflow_store, run_module
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
@@ -137,7 +137,8 @@ def test_swept_keys_come_from_sweep_overrides_and_the_search_space() -> None:
 
 
 @pytest.mark.slow
-def test_grid_with_basic_launcher(tfds_dir: str, tmp_path: Path) -> None:
+def test_grid_with_basic_launcher(tfds_dir: str, tmp_path: Path, empty_mlflow_db: Path) -> None:
+    new_mlflow_store(tmp_path, empty_mlflow_db)
     result = run_module("pipeline.train", "-m", "architecture=mlp,functional", "optimizer.lr=1e-3,1e-2", *TINY,
                         f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -182,7 +183,9 @@ def test_grid_with_basic_launcher(tfds_dir: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_failed_jobs_leave_failed_children_and_a_nonzero_exit(tfds_dir: str, tmp_path: Path) -> None:
+def test_failed_jobs_leave_failed_children_and_a_nonzero_exit(tfds_dir: str, tmp_path: Path,
+                                                              empty_mlflow_db: Path) -> None:
+    new_mlflow_store(tmp_path, empty_mlflow_db)
     # 1e12 diverges in training; -1 is refused by validation before any run opens.
     result = run_module("pipeline.train", "-m", "optimizer=sgd", "optimizer.lr=0.01,1e12,-1", *TINY,
                         f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
@@ -214,7 +217,9 @@ def test_failed_jobs_leave_failed_children_and_a_nonzero_exit(tfds_dir: str, tmp
 
 
 @pytest.mark.slow
-def test_optuna_search_records_diverged_trials_as_failed(tfds_dir: str, tmp_path: Path) -> None:
+def test_optuna_search_records_diverged_trials_as_failed(tfds_dir: str, tmp_path: Path,
+                                                        empty_mlflow_db: Path) -> None:
+    new_mlflow_store(tmp_path, empty_mlflow_db)
     # Sampler seed 42 draws lr ~98, ~5e7 and ~0.03 from this range: two trials diverge.
     result = run_module("pipeline.train", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "optimizer=sgd",
                         "optimizer.lr=tag(log,interval(1e-4,1e12))", *TINY, f"dataset.data_dir={tfds_dir}",
@@ -259,7 +264,8 @@ def test_joblib_launcher_in_parallel_against_a_tracking_server(mlflow_server: st
 
 
 @pytest.mark.slow
-def test_every_experiment_preset_in_smoke_mode(tfds_dir: str, tmp_path: Path) -> None:
+def test_every_experiment_preset_in_smoke_mode(tfds_dir: str, tmp_path: Path, empty_mlflow_db: Path) -> None:
+    new_mlflow_store(tmp_path, empty_mlflow_db)
     result = run_module("pipeline.train", "-m", "experiment=glob(*)", "debug=smoke", f"dataset.data_dir={tfds_dir}",
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
