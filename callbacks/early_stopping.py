@@ -7,10 +7,14 @@ with the checkpoint (`checkpoint_state`, read back by `after_restore`).
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import numpy as np
 import tensorflow as tf
 from keras.src.utils import io_utils
+
+log = logging.getLogger(__name__)
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
@@ -77,6 +81,25 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
                 io_utils.print_msg(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             self.checkpoint_state()
             self._copy_from_best()
+        if self.stopped_epoch > 0:  # the last "Epoch N/M" line is not the model the run exports
+            restored = f"restored the weights of epoch {self.best_epoch + 1}" if self.restored else "kept its weights"
+            log.info("early stopping: stopped at epoch %d (%s did not improve for %d epochs), %s",
+                     self.stopped_epoch + 1, self.monitor, self.patience, restored)
+
+    @property
+    def restored(self) -> bool:
+        """Whether `on_train_end` put the best epoch's weights back."""
+        return bool(self.restore_best_weights and self._saved is not None and self.has_best_weights)
+
+    def run_tags(self) -> dict[str, str]:
+        """What it did, as run tags (epochs counted from 1, as Keras prints them):
+        the best epoch, the epoch it stopped at (if it did), the epoch restored (if any)."""
+        tags = {"early_stopping.best_epoch": str(self.best_epoch + 1)}
+        if self.stopped_epoch > 0:
+            tags["early_stopping.stopped_epoch"] = str(self.stopped_epoch + 1)
+        if self.restored:
+            tags["early_stopping.restored_epoch"] = str(self.best_epoch + 1)
+        return tags
 
     @property
     def has_best_weights(self) -> bool:
