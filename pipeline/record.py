@@ -18,7 +18,7 @@ import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_logger import metric_key
-from pipeline import tracking
+from pipeline import summary, tracking
 from pipeline.errors import PipelineError, one_line
 from pipeline.fit_callbacks import FitCallbacks
 from pipeline.plan import RunPlan
@@ -41,7 +41,9 @@ def opened_run(plan: RunPlan, policy: str) -> Iterator[mlflow.ActiveRun]:
                             run_id=plan.resume.run_id if plan.resume else None,
                             parent_run_id=plan.sweep.parent_run_id if plan.sweep else None,
                             log_system_metrics=provenance.enable_system_metrics()) as run:
+        print(summary.started_line(run), flush=True)  # to find it in the UI while it trains
         yield run
+    summary.print_closing_block(run.info.run_id)  # once closed: the status is final
 
 
 def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: precision.Resolved,
@@ -93,6 +95,9 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
         if epoch_logger.first_failure is not None:
             raise ConnectionError(f"unreachable since {epoch_logger.first_failure}")
         log_once(run_id, final, step=initial_epoch + len(history.epoch))
+        for callback in callbacks.configured:  # e.g. early stopping: where it stopped, which epoch it restored
+            if hasattr(callback, "run_tags"):
+                mlflow.set_tags(callback.run_tags())
         if not any(a.path == "config.yaml" for a in MlflowClient().list_artifacts(run_id)):
             log.warning("config.yaml of run %s is gone (were its artifacts deleted while it ran?): logged again, "
                         "so that resume= and reproduce= still work; artifacts logged before it are lost", run_id)

@@ -1,0 +1,119 @@
+"""What the terminal says about a training run: one line when it opens (to find it in
+the MLflow UI while it trains), and a short aligned block once it is closed, built only
+from what the run recorded in MLflow (status, tags, metrics, `model_summary.txt`), with
+the commands to look further, filled in with this run's ids and layer names.
+
+    summary.print_closing_block(run_id)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import one_line
+from pipeline.redact import redact
+
+log = logging.getLogger(__name__)
+
+UI_PORT = 5000  # `mlflow ui`'s default port
+# A layer row of `model.summary()`: "│ dense_1 (Dense)   │ (None, 128) │ ..." -> (dense_1, Dense)
+LAYER_ROW = re.compile(r"^[│|]\s*(\w+) \((\w+)\)")
+
+
+def started_line(run: Run) -> str:
+    """`run <name> (<id>) started`, for the start of training."""
+    return f"run {run.info.run_name} ({run.info.run_id}) started in experiment {run.info.experiment_id}"
+
+
+def print_closing_block(run_id: str) -> None:
+    """Print the closing block; a store that no longer answers costs a warning, never the run."""
+    try:
+        print(closing_block(MlflowClient(), run_id), flush=True)
+    except Exception as error:
+        log.warning("run %s: no closing block, the MLflow store did not answer (%s)", run_id, one_line(error))
+
+
+def closing_block(client: MlflowClient, run_id: str) -> str:
+    """The closing block of run `run_id`, from what its store holds."""
+    run = client.get_run(run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    rows = [("run", f"{run.info.run_name} ({run_id})"), ("status", run.info.status)]
+    if "early_stopping.best_epoch" in tags:
+        restored = tags.get("early_stopping.restored_epoch")
+        stopped = tags.get("early_stopping.stopped_epoch")
+        rows.append(("best epoch", tags["early_stopping.best_epoch"]
+                     + (f" (weights restored; stopped early at epoch {stopped})" if restored and stopped
+                        else " (weights restored)" if restored else " (last epoch's weights kept)")))
+    for prefix, label in (("final_val_", "validation"), ("test_", "test")):
+        scores = {k.removeprefix(prefix): v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
+        if scores:
+            rows.append((label, "  ".join(f"{k} {v:.4f}" for k, v in scores.items())))
+    if "registered_model" in tags:
+        # `<alias>_promoted`: true, false, or "skipped: <why>" (`registry.register`)
+        moved = [f"@{key.removesuffix('_promoted')} " + {"true": "moved to it", "false": "not moved"}.get(value, value)
+                 for key, value in sorted(tags.items()) if key.endswith("_promoted")]
+        rows.append(("registered", " ".join([tags["registered_model"], *moved])))
+    if "checkpoint_dir" in tags:
+        rows.append(("checkpoints", tags["checkpoint_dir"]))
+    rows += [(label, command) for label, command in commands(client, run)]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def commands(client: MlflowClient, run: Run) -> list[tuple[str, str]]:
+    """The UI command, this run's page, and `pipeline.evaluate` and `pipeline.inspect`
+    filled in, as they can be pasted in the launch directory."""
+    uri, run_id = client.tracking_uri, run.info.run_id
+    if uri.startswith(("http://", "https://")):
+        base, ui = redact(uri).rstrip("/"), None
+    else:
+        base, ui = f"http://127.0.0.1:{UI_PORT}", f"mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1"
+    extra = store_and_data_overrides(uri, run)
+    registered = run.data.tags.get("registered_model")
+    rows = [("ui", ui)] if ui else []
+    rows.append(("run page", f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"))
+    if registered:
+        rows.append(("evaluate", shell("python -m pipeline.evaluate", f"model=models:/{registered}", *extra)))
+    layers = layer_names(client, run_id)
+    inspect = [f"model=runs:/{run_id}", *([f"layers=[{','.join(layers)}]"] if layers else []), *extra]
+    rows.append(("inspect", shell("python -m pipeline.inspect", *inspect)))
+    return rows
+
+
+def store_and_data_overrides(uri: str, run: Run) -> list[str]:
+    """Overrides the commands need to find this run's store and data when they are not
+    the defaults (`sqlite:///<cwd>/mlflow.db`, TFDS's own data dir)."""
+    extra = []
+    if run.data.params.get("dataset.name", "digits") != "digits":
+        extra.append(f"dataset={run.data.params['dataset.name']}")
+    if run.data.params.get("dataset.data_dir") not in (None, "None", ""):
+        extra.append(f"dataset.data_dir={run.data.params['dataset.data_dir']}")
+    if uri != f"sqlite:///{os.path.abspath('mlflow.db')}":
+        extra.append(f"mlflow.tracking_uri={redact(uri)}")
+    return extra
+
+
+def layer_names(client: MlflowClient, run_id: str, count: int = 2) -> list[str]:
+    """`count` layer names from the run's `model_summary.txt`: Dense layers first, else
+    any layer but the inputs; none if the run has no summary."""
+    try:
+        text = client.download_artifacts(run_id, "model_summary.txt")
+        with open(text, encoding="utf-8") as file:
+            rows = [m.groups() for m in map(LAYER_ROW.match, file.read().splitlines()) if m]
+    except Exception:  # a run without its summary still gets the rest of the block
+        return []
+    layers = [(name, kind) for name, kind in rows if kind != "InputLayer"]
+    dense = [name for name, kind in layers if kind == "Dense"]
+    return (dense if len(dense) >= count else [name for name, _ in layers])[:count]
+
+
+def shell(command: str, *args: str) -> str:
+    """`command` with `args` quoted for a POSIX shell (`layers=[...]` quoted: bash globs brackets)."""
+    return " ".join([command, *(arg if re.fullmatch(r"[\w.,=:/@+-]+", arg) else shlex.quote(arg)
+                                for arg in args)])
