@@ -43,7 +43,7 @@ def opened_run(plan: RunPlan, policy: str) -> Iterator[mlflow.ActiveRun]:
                             log_system_metrics=provenance.enable_system_metrics()) as run:
         print(summary.started_line(run), flush=True)  # to find it in the UI while it trains
         yield run
-    summary.print_closing_block(run.info.run_id)  # once closed: the status is final
+    summary.print_closing_block(run.info.run_id, brief=plan.sweep is not None)  # once closed: its final status
 
 
 def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: precision.Resolved,

@@ -31,10 +31,12 @@ def started_line(run: Run) -> str:
     return f"run {run.info.run_name} ({run.info.run_id}) started in experiment {run.info.experiment_id}"
 
 
-def print_closing_block(run_id: str) -> None:
-    """Print the closing block; a store that no longer answers costs a warning, never the run."""
+def print_closing_block(run_id: str, brief: bool = False) -> None:
+    """Print the closing block (`brief`: its first two rows in one line, for a sweep's
+    job); a store that no longer answers costs a warning, never the run."""
     try:
-        print(closing_block(MlflowClient(), run_id), flush=True)
+        block = closing_block(MlflowClient(), run_id)
+        print(" ".join(" ".join(line.split()) for line in block.splitlines()[:2]) if brief else block, flush=True)
     except Exception as error:
         log.warning("run %s: no closing block, the MLflow store did not answer (%s)", run_id, one_line(error))
 

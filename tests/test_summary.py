@@ -54,6 +54,10 @@ def test_printed_inspect_command_works_as_pasted(in_default_run_store: TrainedRu
     result = run_module(module, *args, "examples=16", cwd=in_default_run_store.directory)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dense_1" in result.stdout + result.stderr and "dense_2" in result.stdout + result.stderr, run_id
+    python, dash_m, module, *args = shlex.split(rows["evaluate"])
+    result = run_module(module, *args, "log_run=false", cwd=in_default_run_store.directory)  # adds no run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "models:/digits-mlp/1 on digits[test]" in result.stdout
 
 
 def test_early_stopping_says_where_it_stopped_and_what_it_restored(
