@@ -58,16 +58,25 @@ SHARED_FIXTURE_GROUPS = {"default_run": "default_run", "mlflow_server": "mlflow_
 
 @pytest.hookimpl(tryfirst=True)  # before xdist appends each test's group to its id
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group the users of each shared session fixture, and start the longest work first:
-    the groups, then `slow` tests, then the rest (`--no-loadscope-reorder` hands them
-    to the workers in this order)."""
+    """Group the users of each shared session fixture, and the tests of a module with a
+    module-scoped fixture (built once per worker too), unless a module picked its own
+    group; start the longest work first: the shared session fixtures' groups, then
+    `slow` tests, then the rest (`--no-loadscope-reorder` hands them out in this order)."""
     for item in items:
-        for fixture, group in SHARED_FIXTURE_GROUPS.items():
-            if fixture in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("xdist_group"):
+            continue
+        group = next((group for fixture, group in SHARED_FIXTURE_GROUPS.items() if fixture in item.fixturenames), None)
+        if group is None and any(definitions[-1].scope == "module"
+                                 for definitions in item._fixtureinfo.name2fixturedefs.values()):
+            group = item.module.__name__
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
     def rank(item: pytest.Item) -> int:
-        return 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
+        group = item.get_closest_marker("xdist_group")
+        if group is not None and group.args[0] in SHARED_FIXTURE_GROUPS.values():
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
 
     items.sort(key=rank)
 

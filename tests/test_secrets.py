@@ -49,7 +49,9 @@ def _texts_of_run(client: MlflowClient, run, tmp_path: Path) -> dict[str, str]:
 def test_no_planted_secret_is_recorded_or_printed(mlflow_server: str, tfds_dir: str, tmp_path: Path) -> None:
     host = mlflow_server.removeprefix("http://")
     result = run_module("pipeline.train", f"mlflow.tracking_uri=http://alice:{PASSWORD}@{host}",
-                        "mlflow.experiment_name=secrets", "trainer.epochs=1", f"dataset.data_dir={tfds_dir}",
+                        # Its own experiment and model: the session's server is shared with other tests.
+                        "mlflow.experiment_name=secrets", "mlflow.registered_model_name=secrets-mlp",
+                        "trainer.epochs=1", f"dataset.data_dir={tfds_dir}",
                         f"+vault.api_token={TOKEN}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(mlflow_server)
