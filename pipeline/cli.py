@@ -66,16 +66,11 @@ def overrides(hydra_node: Any) -> list[str]:
     return [str(o) for o in OmegaConf.to_container(hydra_node.overrides.task, resolve=False)]
 
 
-def job_log_file(hydra_node: Any = None) -> Path | None:
-    """Hydra's log of the job (`<output dir>/<job name>.log`), or None outside a Hydra job."""
+def job_log_file(hydra_node: Any) -> Path | None:
+    """Hydra's log of the job (`<output dir>/<job name>.log`) from a config's `hydra`
+    node, or None when Hydra composed the config without running a job."""
     output_dir = job_output_dir(hydra_node)
-    if output_dir is None:
-        return None
-    if hydra_node is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_node = HydraConfig.get()
-    return output_dir / f"{hydra_node.job.name}.log"
+    return None if output_dir is None else output_dir / f"{hydra_node.job.name}.log"
 
 
 def user_wants_tracebacks() -> bool:

@@ -173,23 +173,24 @@ def register_schemas() -> None:
 register_schemas()
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose `conf/<config_name>.yaml` as `@hydra.main` would, for code that calls
-    `train(cfg)` directly (tests, benchmarks, notebooks).
-
-    Like `@hydra.main`, it makes the Hydra config (overrides, group choices) available
-    through `HydraConfig` and returns only the job's own config.
-    """
+def compose_with_hydra(overrides: Sequence[str] = (), config_name: str = "train") -> tuple[DictConfig, DictConfig]:
+    """Compose `conf/<config_name>.yaml` with `overrides` as `@hydra.main` would; return
+    the job's own config and Hydra's node (group choices, overrides, job) apart."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
-    from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    hydra_node = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]
-    return cfg
+    return cfg, hydra_node
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """The job's config alone, composed as `@hydra.main` would (tests, notebooks); a
+    training run's whole plan is `pipeline.plan.compose`."""
+    return compose_with_hydra(overrides, config_name)[0]
 
 
 def validate(cfg: DictConfig) -> None:

@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli, recovery
-from pipeline.config import validate
+from pipeline.config import compose_with_hydra, validate
 from pipeline.recovery import Resume
 from pipeline.tracking import optuna_trial, sweep_job
 from pipeline.tracking.optuna_trial import OptunaTrial
@@ -113,14 +113,7 @@ def from_hydra(cfg: DictConfig) -> RunPlan:
 def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) -> RunPlan:
     """Compose `conf/train.yaml` with `overrides` as `python -m pipeline.train` would, and
     resolve its plan (for tests, benchmarks and notebooks; runs go to the current store)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-    hydra_node = cfg.hydra
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg, hydra_node = compose_with_hydra(overrides)
     return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=cli.overrides(hydra_node),
                    output_dir=output_dir)
 

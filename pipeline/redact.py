@@ -31,10 +31,7 @@ MASK = "***"
 def strip_credentials(url: str) -> str:
     """`https://user:token@host/repo.git` -> `https://host/repo.git`; other forms as given
     (`git@host:repo.git` names a user, not a secret)."""
-    parts = urlsplit(url)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return url
+    return split_credentials(url)[0]
 
 
 def split_credentials(url: str) -> tuple[str, str | None, str | None]:
