@@ -28,7 +28,7 @@ PRECISION_POLICIES = ("float32", "mixed", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "cosine")
 # Keys of an architecture config that go to `model.compile`, not to its builder.
 RESERVED_ARCHITECTURE_KEYS = ("compile",)
-DEBUG_MODES = ("smoke", "overfit", "limit")
+DEBUG_MODES = ("smoke", "overfit", "limit", "profile")
 
 
 @dataclass
@@ -138,7 +138,7 @@ class TrainConfig:
     mlflow: MLflowConfig = MISSING
     # none | mirrored | multi_worker (conf/distribution/, pipeline/training/distribute.py)
     distribution: DistributionConfig = MISSING
-    # debug=smoke|overfit|limit (conf/debug/) shrinks the data; null trains normally.
+    # debug=smoke|overfit|limit (conf/debug/) shrinks the data, debug=profile traces steps; null trains normally.
     debug: Optional[DebugConfig] = None
 
 

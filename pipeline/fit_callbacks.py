@@ -28,6 +28,7 @@ from callbacks.checkpoint import Checkpointing
 from callbacks.grad_norm import GradNormGuard
 from callbacks.mlflow_logger import MLflowEpochLogger
 from callbacks.optuna_pruning import OptunaPruning
+from callbacks.profile import ProfileSteps
 from pipeline.errors import ConfigError
 from pipeline.plan import RunPlan
 from pipeline.tracking.optuna_trial import monitored_metric
@@ -101,6 +102,8 @@ class FitCallbacks:
         """Wire the callbacks to the open run `run_id`; return them in the order `fit` calls them."""
         if self.checkpointing is not None and plan.resume is None:
             self._open_checkpoints(plan, plan.checkpoint_dir(run_id), guarded)
+        for profile in (c for c in self.configured if isinstance(c, ProfileSteps) and c.directory is None):
+            profile.directory = plan.output_dir / "profile" / run_id  # debug=profile: the trace, before it is logged
         if self.guard is not None:
             self.guard.batch_at = splits.train_batch  # the diagnosis re-runs the offending batch
             self.guard.restore_last_checkpoint = self.checkpointing.restore_for_rollback if self.checkpointing else None

@@ -1,8 +1,10 @@
-"""Debug modes (`debug=smoke|overfit|limit`, `conf/debug/`): shrink the data of any run.
+"""Debug modes (`debug=smoke|overfit|limit|profile`, `conf/debug/`): shrink the data of any run,
+or profile it.
 
     python -m pipeline.train debug=smoke                  # 1 epoch on a few batches: does it all run?
     python -m pipeline.train debug=overfit                # one batch, repeated, until the loss is ~0
     python -m pipeline.train debug=limit                  # 10% of every split
+    python -m pipeline.train debug=profile                # trace a few steady steps (callbacks/profile.py)
     python -m pipeline.train -m 'experiment=glob(*)' debug=smoke
 
 `apply(cfg, splits)` returns the shrunk pipelines; the `conf/debug/` files also turn
@@ -27,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def apply(cfg: DictConfig, splits: Splits) -> Splits:
-    """`splits` shrunk as `cfg.debug` asks; unchanged when `cfg.debug` is null.
+    """`splits` shrunk as `cfg.debug` asks; unchanged when `cfg.debug` is null or shrinks
+    nothing (`debug=profile` profiles the real data).
 
     - `overfit_steps`: train on batch 0 of epoch 0 only, `overfit_steps` times per epoch,
       and validate on that same batch (the test split stays whole: it shows what memorising
@@ -39,7 +42,7 @@ def apply(cfg: DictConfig, splits: Splits) -> Splits:
     sizes describe what really ran.
     """
     debug = cfg.get("debug")
-    if debug is None:
+    if debug is None or not any(debug.get(key) for key in ("overfit_steps", "limit_batches", "limit_fraction")):
         return splits
     batch_size = cfg.dataset.batch_size
     if debug.get("overfit_steps"):
