@@ -123,6 +123,7 @@ class ProfileSteps(keras.callbacks.Callback):
             log.warning("debug=profile: could not rank the trace's ops (%s)", one_line(error))
         try:
             mlflow.log_artifacts(str(self.directory), "profile")
+            mlflow.set_tag("profile_dir", str(self.directory))  # the closing block's tensorboard command
             log.info("debug=profile: trace of steps %d-%d logged to the run as artifact profile/ (kept in %s)",
                      self._started_at, step - 1, self.directory)
         except Exception as error:  # a profile never fails the run it profiles

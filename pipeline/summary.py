@@ -63,6 +63,9 @@ def closing_block(client: MlflowClient, run_id: str) -> str:
         rows.append(("registered", " ".join([tags["registered_model"], *moved])))
     if "checkpoint_dir" in tags:
         rows.append(("checkpoints", tags["checkpoint_dir"]))
+    if "profile_dir" in tags:  # debug=profile: the ops by self time are in artifact profile/top_ops.txt
+        tensorboard = shell("tensorboard", "--logdir", tags["profile_dir"])
+        rows.append(("profile", f"{tensorboard}  # pip install -e '.[profile]'"))
     rows += [(label, command) for label, command in commands(client, run)]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import compose_plan
 from mlflow.tracking import MlflowClient
 
+from pipeline.summary import closing_block
 from pipeline.train import train
 
 
@@ -35,6 +36,10 @@ def test_debug_profile_logs_a_trace_and_its_top_ops(tfds_dir: str, mlflow_store:
     assert client.search_model_versions() == []  # a debug run registers nothing
     assert "registered_model" not in run.data.tags
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1  # fit ended once the trace was logged
+    kept = Path(run.data.tags["profile_dir"])  # where it was written, for tensorboard --logdir
+    assert kept == tmp_path / "profile" / run.info.run_id and list(kept.glob("plugins/profile/*/*.xplane.pb"))
+    assert re.search(f"^profile +tensorboard --logdir {kept}  # pip install", closing_block(client, run.info.run_id),
+                     re.MULTILINE)
 
     files = artifact_paths(client, run.info.run_id, "profile")
     assert any(re.fullmatch(r"profile/plugins/profile/[^/]+/[^/]+\.xplane\.pb", f) for f in files), files
