@@ -59,7 +59,9 @@ def prepared_builder(cfg: DictConfig) -> tfds.core.DatasetBuilder:
         builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise DatasetError(f"dataset.name: no TFDS dataset is called {cfg.name!r}") from None
-    if builder.is_prepared():
+    # is_prepared() warns "Variant folder ... has no dataset_info.json" when the folder
+    # does not even exist: a first run, where nothing is wrong.
+    if builder.data_path.exists() and builder.is_prepared():
         return builder
     where = builder.data_dir
     if not cfg.prepare:

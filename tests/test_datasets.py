@@ -3,15 +3,19 @@ through TFDS's mock data, and the loader explains every failure in one line."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import compose_config
 from sklearn.datasets import load_digits
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from pipeline import data
 from pipeline.datasets.digits.digits_dataset_builder import digits_arrays
+from pipeline.datasets.offline import OfflineBuilder
 from pipeline.errors import DatasetError
 
 
@@ -144,3 +148,30 @@ def test_unreachable_download_host_fails_fast_with_instructions() -> None:
     assert message.startswith("dataset 'remote_dataset' is not prepared in /nowhere/remote_dataset/1.0.0 "
                               "and cannot be downloaded here (127.0.0.1: ")
     assert "`tfds build remote_dataset --data_dir DIR`" in message and "\n" not in message
+
+
+def test_offline_datasets_prepare_with_one_line_of_their_own(
+        tmp_path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    # TFDS narrates any preparation as a download ("Downloading and preparing dataset Unknown
+    # size ...", progress bars); for data that ships with the code, it reads like a failure.
+    cfg = compose_config([f"dataset.data_dir={tmp_path}"])
+    showing = tqdm_utils._active
+    with caplog.at_level(logging.INFO):
+        builder = data.prepared_builder(cfg.dataset)
+    assert builder.is_prepared() and tqdm_utils._active == showing, "the user's progress-bar choice is back"
+    out, err = capfd.readouterr()
+    assert "Downloading and preparing" not in out and "downloaded and prepared" not in out, out
+    assert "Generating splits" not in err and "Shuffling" not in err, err
+    said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "pipeline.datasets" or r.levelno >= logging.WARNING]  # TFDS's INFO is for absl's INFO level
+    assert said == [("pipeline.datasets", "INFO", "preparing dataset digits (offline, from scikit-learn's "
+                                                  f"bundled data) in {tmp_path / 'digits' / '1.0.0'}")]
+    for name in ["digits", "synthetic_mnist", "synthetic_multimodal"]:
+        assert issubclass(tfds.builder_cls(name), OfflineBuilder), name
+
+
+def test_network_datasets_keep_tfds_download_line(tmp_path, capfd: pytest.CaptureFixture) -> None:
+    builder = tfds.builder("mnist", data_dir=tmp_path)
+    assert not isinstance(builder, OfflineBuilder)
+    builder._log_download_bytes()  # what download_and_prepare says first, before its progress bars
+    assert "Downloading and preparing dataset Unknown size (download: " in capfd.readouterr().out

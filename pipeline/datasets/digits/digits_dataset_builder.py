@@ -13,6 +13,8 @@ tools rely on:
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pipeline.datasets.offline import OfflineBuilder
+
 TEST_EVERY = 5
 
 
@@ -29,8 +31,10 @@ def is_test_index(index: int) -> bool:
     return index % TEST_EVERY == 0
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(OfflineBuilder):
     """scikit-learn's 8x8 digits (UCI optdigits test set), split by index % 5."""
+
+    SOURCE = "from scikit-learn's bundled data"
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: train 1437, test 360 (index % 5 == 0)."}

@@ -13,6 +13,8 @@ Splits: `train` 4000 and `test` 1000, drawn from independent streams.
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pipeline.datasets.offline import OfflineBuilder
+
 SEED = 20261126
 IMAGE_SIDE, SQUARE_SIDE, NUM_FEATURES = 32, 8, 10
 SPLIT_SIZES = {"train": 4000, "test": 1000}
@@ -37,8 +39,10 @@ def generate(num_examples: int, seed: int) -> dict[str, np.ndarray]:
     return {"image": images, "features": features, "binary": binary, "category": category.astype(np.int64)}
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(OfflineBuilder):
     """Synthetic image + feature dataset with a binary and a 3-class label."""
+
+    SOURCE = "generated from a fixed seed"
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: train 4000, test 1000."}
