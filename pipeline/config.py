@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from pipeline import quiet
 from pipeline.errors import ConfigError, one_line
 from pipeline.training import distribute
 
@@ -252,6 +253,7 @@ def validate(cfg: DictConfig) -> None:
 
     distribute.validate(cfg.get("distribution"))
 
+    quiet.import_tensorflow()  # the targets' modules import it: without its CUDA probing on a CPU-only machine
     _check_target(cfg, "optimizer")
     builder = _check_target(cfg, "architecture")
     _check_keywords(cfg, "architecture", builder, runtime_args=1)

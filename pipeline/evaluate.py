@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import cli, config  # noqa: F401  (config registers the schemas Hydra composes with)
+from pipeline import cli, config, quiet  # noqa: F401  (config registers the schemas Hydra composes with)
 from pipeline.errors import ConfigError, DatasetError, PipelineError, one_line
 from pipeline.redact import redact
 
@@ -43,6 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """
     if OmegaConf.is_missing(cfg, "model") or not cfg.model.strip():
         raise ConfigError("model is missing: give an MLflow model URI, e.g. model=models:/digits-mlp@champion")
+    quiet.import_tensorflow()  # loading the model imports it: without its CUDA probing on a CPU-only machine
     import mlflow
     import numpy as np
     import tensorflow_datasets as tfds

@@ -28,7 +28,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline import cli
+from pipeline import cli, quiet
 from pipeline.config import DatasetConfig, MLflowConfig
 from pipeline.errors import ConfigError, DatasetError, PipelineError, one_line
 from pipeline.figures import activations
@@ -73,6 +73,7 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
         raise ConfigError("model is missing: give a Keras model, e.g. model=runs:/RUN_ID or model=path/to/model.keras")
     if cfg.examples < 1:
         raise ConfigError(f"examples must be >= 1. Received: {cfg.examples}")
+    quiet.import_tensorflow()  # loading the model imports it: without its CUDA probing on a CPU-only machine
     import mlflow
     import tensorflow_datasets as tfds
 

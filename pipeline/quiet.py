@@ -1,0 +1,161 @@
+"""Load TensorFlow without its CUDA-probing lines on a machine with no GPU; hide nothing else.
+
+Importing TensorFlow and listing its devices writes straight to file descriptor 2, from
+C++ and before absl's logging starts, so neither TF_CPP_MIN_LOG_LEVEL nor
+CUDA_VISIBLE_DEVICES hides it (as seen with TensorFlow 2.21 on a CPU-only machine):
+
+    WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+    I0000 00:00:1796161741.274464   19237 cudart_stub.cc:31] Could not find cuda drivers on your machine, ...
+    E0000 00:00:1796161746.319079   19237 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: ...
+
+(the first two once per TensorFlow library loaded at import, the last at the first
+device listing). Nothing is wrong, yet it reads like a failure. `import_tensorflow()`
+imports TensorFlow and lists its devices once per process with fd 2 going through
+`filtered_stderr`, which drops these lines (with TF_CPP_MIN_LOG_LEVEL >= 1, as `pipeline.cli`
+sets it, every C++ INFO line too) and forwards every other byte unchanged.
+Where a GPU is expected (an NVIDIA driver, and CUDA_VISIBLE_DEVICES not "" or "-1"), or
+with PIPELINE_SHOW_TF_INIT=1, nothing is filtered: there a CUDA failure is news.
+
+Run as a script, this file is the filter itself: stdin to stdout, standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+# Said by TensorFlow's CUDA probing when there is no GPU to find, at any log level.
+CUDA_PROBING = re.compile(
+    rb"cuInit|Could not find cuda drivers|cuda_platform\.cc|cudart_stub\.cc|TF-TRT Warning"
+    rb"|Unable to register cu(?:DNN|FFT|BLAS) factory|computation placer already registered"
+)
+# A C++ log line, e.g. `I0000 00:00:1796161741.272731   19237 port.cc:153] ...`. INFO (I) is
+# the level TF_CPP_MIN_LOG_LEVEL >= 1 asks to hide, which these lines escape by coming
+# before absl has read it (e.g. "oneDNN custom operations are on").
+GLOG_LINE = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.-]+:\d+\] ")
+# Printed before the first C++ log line of each library: said only before a C++ line that is kept.
+ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+_tensorflow_loaded = False
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow and list its physical devices, once per process, without the
+    CUDA-probing lines where no GPU is expected.
+
+    Listing physical devices does not initialise TensorFlow's runtime: logical devices
+    and multi-worker collectives can still be configured afterwards.
+    """
+    global _tensorflow_loaded
+    if _tensorflow_loaded:
+        return
+    filtering = filtered_stderr(drop_info=_min_log_level() >= 1) if filtering_wanted() else contextlib.nullcontext()
+    with filtering:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    _tensorflow_loaded = True
+
+
+def filtering_wanted() -> bool:
+    """False with PIPELINE_SHOW_TF_INIT=1, or where a GPU is expected."""
+    if os.environ.get("PIPELINE_SHOW_TF_INIT") == "1":
+        return False
+    gpu_expected = Path("/proc/driver/nvidia").exists() and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
+    return not gpu_expected
+
+
+def _min_log_level() -> int:
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def filtered_stderr(*, drop_info: bool) -> Iterator[None]:
+    """Inside the block, file descriptor 2 (C++, Python, child processes) writes into a
+    pipe read by a filter process (this file run as a script), which forwards to the
+    real stderr every line that `dropped` keeps. fd 2 is restored on the way out, an
+    exception included, once the filter has forwarded all it read.
+
+    A process rather than a thread: if the block aborts the whole process (a fatal
+    TensorFlow check), the filter still forwards what was written before.
+
+    Args:
+        drop_info: also drop glog INFO lines (for TF_CPP_MIN_LOG_LEVEL >= 1).
+    """
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    filter_process, real_stderr = _start_filter(drop_info)
+    if filter_process is None:  # filtering is a nicety, never a failure
+        yield
+        return
+    os.dup2(filter_process.stdin.fileno(), 2)
+    filter_process.stdin.close()  # fd 2 now holds the pipe's only write end in this process
+    try:
+        yield
+    finally:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        os.dup2(real_stderr, 2)  # closes that write end: the filter reads to the end and exits
+        os.close(real_stderr)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            # A process started inside the block may still hold the pipe: the filter
+            # keeps forwarding its lines, and this process goes on.
+            filter_process.wait(timeout=10)
+
+
+def _start_filter(drop_info: bool) -> tuple[subprocess.Popen | None, int]:
+    """The filter process, writing to a duplicate of fd 2 (also returned); (None, -1)
+    when fd 2 is closed or no interpreter can start."""
+    try:
+        real_stderr = os.dup(2)
+    except OSError:
+        return None, -1
+    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), *(["--drop-info"] if drop_info else [])]
+    try:
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=real_stderr, stderr=real_stderr), real_stderr
+    except OSError:
+        os.close(real_stderr)
+        return None, -1
+
+
+def dropped(line: bytes, *, drop_info: bool) -> bool:
+    """Whether `line` is TensorFlow's CUDA probing (or, with `drop_info`, a glog INFO line)."""
+    return bool(CUDA_PROBING.search(line)) or (drop_info and line.startswith(b"I") and bool(GLOG_LINE.match(line)))
+
+
+def forward(source: BinaryIO, sink: BinaryIO, *, drop_info: bool) -> None:
+    """Copy `source` to `sink` line by line, without the lines `dropped` names; absl's
+    preamble only before a C++ log line that is kept. A last line without newline is kept too."""
+    held = b""
+    try:
+        for line in iter(source.readline, b""):
+            if line.rstrip(b"\r\n") == ABSL_PREAMBLE:
+                held = line
+            elif not dropped(line, drop_info=drop_info):
+                if GLOG_LINE.match(line):
+                    line, held = held + line, b""
+                sink.write(line)
+                sink.flush()
+    except Exception:  # a bug here must not cost the process its stderr
+        sink.write(held)
+        shutil.copyfileobj(source, sink)
+        sink.flush()
+
+
+if __name__ == "__main__":
+    # Ctrl-C or a scheduler's SIGTERM reaches the whole process group: the filter outlives
+    # the block's process to forward its last words, and ends when the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    forward(sys.stdin.buffer, sys.stdout.buffer, drop_info="--drop-info" in sys.argv[1:])
