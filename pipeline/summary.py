@@ -1,9 +1,11 @@
 """What the terminal says about a training run: one line when it opens (to find it in
 the MLflow UI while it trains), and a short aligned block once it is closed, built only
 from what the run recorded in MLflow (status, tags, metrics, `model_summary.txt`), with
-the commands to look further, filled in with this run's ids and layer names.
+the commands to look further, filled in with this run's ids and layer names. A sweep's
+job prints one line, and the sweep the same block for its parent run, about its best job.
 
     summary.print_closing_block(run_id)
+    summary.print_sweep_closing_block(parent_run_id, tracking_uri)
 """
 
 from __future__ import annotations
@@ -41,11 +43,54 @@ def print_closing_block(run_id: str, brief: bool = False) -> None:
         log.warning("run %s: no closing block, the MLflow store did not answer (%s)", run_id, one_line(error))
 
 
+def print_sweep_closing_block(parent_run_id: str, tracking_uri: str | None = None) -> None:
+    """Print the closing block of a sweep whose parent run has ended; a store that no
+    longer answers costs a warning."""
+    try:
+        print(sweep_closing_block(MlflowClient(tracking_uri), parent_run_id), flush=True)
+    except Exception as error:
+        log.warning("sweep %s: no closing block, the MLflow store did not answer (%s)", parent_run_id, one_line(error))
+
+
 def closing_block(client: MlflowClient, run_id: str) -> str:
     """The closing block of run `run_id`, from what its store holds."""
     run = client.get_run(run_id)
+    tags = run.data.tags
+    rows = [("run", f"{run.info.run_name} ({run_id})"), ("status", run.info.status), *result_rows(run)]
+    if "checkpoint_dir" in tags:
+        rows.append(("checkpoints", tags["checkpoint_dir"]))
+    if "profile_dir" in tags:  # debug=profile: the ops by self time are in artifact profile/top_ops.txt
+        tensorboard = shell("tensorboard", "--logdir", tags["profile_dir"])
+        rows.append(("profile", f"{tensorboard}  # pip install -e '.[profile]'"))
+    return aligned(rows + commands(client, run))
+
+
+def sweep_closing_block(client: MlflowClient, parent_run_id: str) -> str:
+    """The closing block of a sweep, from what its parent run (`pipeline.tracking.sweep`)
+    and its best job's run hold: the jobs, the best job's scores and registered version,
+    the parent's page, and the commands for the best job's model."""
+    parent = client.get_run(parent_run_id)
+    tags = parent.data.tags
+    metric, _, direction = tags.get("sweep.optimized_metric", "").partition(" ")  # "final_val_accuracy (maximize)"
+    rows = [("sweep", f"{parent.info.run_name} ({parent_run_id})"), ("status", parent.info.status),
+            ("jobs", f"{tags.get('sweep.jobs', '?')} jobs, {tags.get('sweep.finished', '?')} finished, "
+                     f"{tags.get('sweep.failed', '?')} failed")]
+    if "sweep.best_run_id" not in tags:
+        return aligned([*rows, ("best job", f"none: no job finished with a finite {metric}"), *links(client, parent)])
+    best = client.get_run(tags["sweep.best_run_id"])
+    score = best.data.metrics.get(metric)
+    rows.append(("best job", f"{best.info.run_name} ({best.info.run_id})"
+                 + (f": {metric} {score:.4f} {direction}".rstrip() if score is not None else "")))
+    alias = tags.get("sweep.best_model", "").rpartition("@")[2]  # models:/NAME@sweep-best
+    return aligned(rows + result_rows(best, [alias] if alias else []) + links(client, parent)
+                   + model_commands(client, best))
+
+
+def result_rows(run: Run, aliases: list[str] | None = None) -> list[tuple[str, str]]:
+    """What the run's model scored (best epoch, validation, test) and where it was
+    registered, with the aliases moved (`aliases`: also moved to it, e.g. by its sweep)."""
     tags, metrics = run.data.tags, run.data.metrics
-    rows = [("run", f"{run.info.run_name} ({run_id})"), ("status", run.info.status)]
+    rows = []
     if "early_stopping.best_epoch" in tags:
         restored = tags.get("early_stopping.restored_epoch")
         stopped = tags.get("early_stopping.stopped_epoch")
@@ -60,13 +105,13 @@ def closing_block(client: MlflowClient, run_id: str) -> str:
         # `<alias>_promoted`: true, false, or "skipped: <why>" (`registry.register`)
         moved = [f"@{key.removesuffix('_promoted')} " + {"true": "moved to it", "false": "not moved"}.get(value, value)
                  for key, value in sorted(tags.items()) if key.endswith("_promoted")]
+        moved += [f"@{alias} moved to it" for alias in aliases or []]
         rows.append(("registered", " ".join([tags["registered_model"], *moved])))
-    if "checkpoint_dir" in tags:
-        rows.append(("checkpoints", tags["checkpoint_dir"]))
-    if "profile_dir" in tags:  # debug=profile: the ops by self time are in artifact profile/top_ops.txt
-        tensorboard = shell("tensorboard", "--logdir", tags["profile_dir"])
-        rows.append(("profile", f"{tensorboard}  # pip install -e '.[profile]'"))
-    rows += [(label, command) for label, command in commands(client, run)]
+    return rows
+
+
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """`label  value` lines, the values in one column."""
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
@@ -74,15 +119,27 @@ def closing_block(client: MlflowClient, run_id: str) -> str:
 def commands(client: MlflowClient, run: Run) -> list[tuple[str, str]]:
     """The UI command, this run's page, and `pipeline.evaluate` and `pipeline.inspect`
     filled in, as they can be pasted in the launch directory."""
-    uri, run_id = client.tracking_uri, run.info.run_id
+    return links(client, run) + model_commands(client, run)
+
+
+def links(client: MlflowClient, run: Run) -> list[tuple[str, str]]:
+    """The UI command (for a local store) and the run's page."""
+    uri = client.tracking_uri
     if uri.startswith(("http://", "https://")):
         base, ui = redact(uri).rstrip("/"), None
     else:
         base, ui = f"http://127.0.0.1:{UI_PORT}", f"mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1"
+    rows = [("ui", ui)] if ui else []
+    return rows + [("run page", f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")]
+
+
+def model_commands(client: MlflowClient, run: Run) -> list[tuple[str, str]]:
+    """`pipeline.evaluate` on the run's registered version (if any) and `pipeline.inspect`
+    on its logged model, with two of its layers."""
+    uri, run_id = client.tracking_uri, run.info.run_id
     extra = store_and_data_overrides(uri, run)
     registered = run.data.tags.get("registered_model")
-    rows = [("ui", ui)] if ui else []
-    rows.append(("run page", f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"))
+    rows = []
     if registered:
         rows.append(("evaluate", shell("python -m pipeline.evaluate", f"model=models:/{registered}", *extra)))
     layers = layer_names(client, run_id)

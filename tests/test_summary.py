@@ -4,6 +4,7 @@ the UI and paste the next commands as printed (issue 20)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shlex
@@ -14,6 +15,7 @@ from conftest import TrainedRun, compose_plan, run_module
 from mlflow.tracking import MlflowClient
 
 from pipeline import summary
+from pipeline.tracking.sweep import SweepRuns
 from pipeline.train import train
 
 
@@ -78,3 +80,50 @@ def test_early_stopping_says_where_it_stopped_and_what_it_restored(
     printed = capsys.readouterr().out
     assert f"run {run.info.run_name} ({run.info.run_id}) started" in printed
     assert re.search(r"^best epoch +1 \(weights restored; stopped early at epoch 2\)$", printed, re.MULTILINE)
+
+
+def test_a_sweep_ends_with_the_block_of_its_parent_run(mlflow_store: str, capsys: pytest.CaptureFixture) -> None:
+    # What a sweep leaves in the store (pipeline.tracking.sweep): a parent run and a nested
+    # child per job, here one failed. Each job printed one line; the sweep's end prints
+    # the parent's block, about its best job, before it exits non-zero for the failure.
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("digits")
+    parent = client.create_run(experiment, run_name="sweep optimizer.lr=1e-3,1e-2,1e12",
+                               tags={"sweep.optimized_metric": "final_val_accuracy (maximize)"}).info.run_id
+    jobs = {}
+    for job, (lr, accuracy) in enumerate([("0.001", 0.91), ("0.01", 0.95), ("1e12", None)]):
+        child = client.create_run(experiment, run_name=f"optimizer.lr={lr}", tags={
+            "mlflow.parentRunId": parent, "sweep.job": str(job), "sweep.params": json.dumps({"optimizer.lr": lr})})
+        jobs[lr] = child.info.run_id
+        if accuracy is None:
+            client.set_tag(child.info.run_id, "failure_reason", "DivergenceError: non-finite loss")
+            client.set_terminated(child.info.run_id, "FAILED")
+            continue
+        for key, value in {"final_val_accuracy": accuracy, "final_val_loss": 0.2, "test_accuracy": 0.9}.items():
+            client.log_metric(child.info.run_id, key, value)
+        client.set_terminated(child.info.run_id, "FINISHED")
+    callback = SweepRuns(best_alias=None, register="none")
+    callback.parent_run_id, callback.tracking_uri = parent, mlflow_store
+    callback.optimized_metric, callback.direction = "final_val_accuracy", "maximize"
+
+    with pytest.raises(SystemExit):
+        callback.on_multirun_end(config=None)
+    printed = capsys.readouterr()
+    rows = block_rows(printed.out)
+    assert rows["sweep"] == f"sweep optimizer.lr=1e-3,1e-2,1e12 ({parent})"
+    assert rows["status"] == "FINISHED"
+    assert rows["jobs"] == "3 jobs, 2 finished, 1 failed"
+    assert rows["best job"] == f"optimizer.lr=0.01 ({jobs['0.01']}): final_val_accuracy 0.9500 (maximize)"
+    assert rows["validation"] == "accuracy 0.9500  loss 0.2000" and rows["test"] == "accuracy 0.9000"
+    assert rows["run page"] == f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{parent}"
+    assert rows["inspect"] == f"python -m pipeline.inspect model=runs:/{jobs['0.01']}"
+    assert "registered" not in rows and "evaluate" not in rows  # register=none
+    assert "error: 1 of 3 sweep jobs failed" in printed.err
+
+    # With the best job registered (register=best), the block says where, and which aliases moved.
+    client.set_tag(jobs["0.01"], "registered_model", "digits-mlp/3")
+    client.set_tag(jobs["0.01"], "champion_promoted", "false")
+    client.set_tag(parent, "sweep.best_model", "models:/digits-mlp@sweep-best")
+    rows = block_rows(summary.sweep_closing_block(client, parent))
+    assert rows["registered"] == "digits-mlp/3 @champion not moved @sweep-best moved to it"
+    assert rows["evaluate"] == "python -m pipeline.evaluate model=models:/digits-mlp/3"

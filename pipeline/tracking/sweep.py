@@ -19,7 +19,7 @@
   one candidate for `champion`, with `register=best`), logs the summary on the parent (a
   table with one row per child, the optimized metric against each swept parameter, the
   best child's run id, `@sweep-best` on its registered model version), ends the parent
-  FINISHED, and exits non-zero if a job failed.
+  FINISHED, prints its closing block (`pipeline.summary`), and exits non-zero if a job failed.
 
 A failed job does not stop the sweep: in a multirun, `pipeline.cli.task` returns a
 `JobFailure` instead of raising. Hydra itself swallows callback exceptions as warnings,
@@ -155,8 +155,11 @@ class SweepRuns(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:
             return
+        from pipeline.summary import print_sweep_closing_block
+
         summary = self._end_parent("FINISHED")
         log.info("sweep: %s", summary.headline())
+        print_sweep_closing_block(self.parent_run_id, self.tracking_uri)  # each job printed one line
         if summary.failed and self.fail_on_failed_jobs:
             for row in summary.failed:
                 print(f"error: sweep job {row['job']} ({row['run_name']}): {row['failure_reason']}",
