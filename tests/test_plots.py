@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import shutil
+from importlib.util import find_spec
 from pathlib import Path
 
 import keras
@@ -11,6 +14,7 @@ import pytest
 from conftest import require_program
 
 from architectures import InputSpec, mlp
+from pipeline import notices
 from pipeline.figures import activations, learning_rates, plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -168,7 +172,7 @@ def test_architecture_diagram_without_graphviz_warns_once(
     tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` on it
-    monkeypatch.setattr(plots, "_missing_graphviz_reported", False)
+    monkeypatch.setattr(notices, "_said", set())  # a fresh process
     with caplog.at_level(logging.WARNING, logger="pipeline.figures.plots"):
         assert plots.architecture_diagram(tiny_model, tmp_path / "a.png") is None
         assert plots.architecture_diagram(tiny_model, tmp_path / "b.png") is None
@@ -176,6 +180,54 @@ def test_architecture_diagram_without_graphviz_warns_once(
     warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.figures.plots"]
     assert warnings == ["architecture diagrams skipped: Graphviz's `dot` program (`apt-get install graphviz`) "
                         "missing"]
+
+
+def test_missing_graphviz_is_a_warning_once_per_mlflow_store(
+    tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every run of every sweep job used to warn: that buries the warnings that are news.
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "pydot" else find_spec(name, *args))  # no pydot
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)  # nor Graphviz's `dot`
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "other").mkdir()
+
+    def run(store: str | None, new_process: bool = False) -> tuple[str, str]:
+        if new_process:
+            monkeypatch.setattr(notices, "_said", set())
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="pipeline.figures.plots"):
+            assert plots.architecture_diagram(tiny_model, tmp_path / "a.png", store=store) is None
+        [record] = [r for r in caplog.records if r.name == "pipeline.figures.plots"]
+        return record.levelname, record.getMessage()
+
+    missing = ("architecture diagrams skipped: the pydot package (`pip install pydot`) and Graphviz's `dot` program "
+               "(`apt-get install graphviz`) missing")
+    assert run(store, new_process=True) == ("WARNING", f"{missing} (said once per MLflow store)")
+    assert run(store) == ("DEBUG", missing)  # the next job of a sweep
+    assert run(store, new_process=True) == ("INFO", missing)  # the next run on this store
+    assert run(store, new_process=True) == ("INFO", missing)
+    assert run(f"sqlite:///{tmp_path}/other/mlflow.db")[0] == "WARNING"  # another store is told too
+    assert run("http://127.0.0.1:5000")[0] == "WARNING"  # a remote store: once per process
+    assert run("http://127.0.0.1:5000")[0] == "DEBUG"
+    assert run("http://127.0.0.1:5000", new_process=True)[0] == "WARNING"
+    marker = tmp_path / ".mlflow.db.graphviz-missing"  # beside the store; delete it to be told again
+    assert missing in marker.read_text() and not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("store, marker", [
+    ("sqlite:////data/runs/mlflow.db", "/data/runs/.mlflow.db.n"),
+    ("sqlite:///mlflow.db?timeout=20", "{cwd}/.mlflow.db.n"),
+    ("file:///data/mlruns", "/data/.mlruns.n"),
+    ("mlruns", "{cwd}/.mlruns.n"),
+    ("http://127.0.0.1:5000", None),
+    ("postgresql+psycopg2://user@host/db", None),
+    ("sqlite:///:memory:", None),
+    (None, None),
+])
+def test_notice_markers_sit_beside_local_stores(store: str | None, marker: str | None) -> None:
+    expected = None if marker is None else Path(marker.format(cwd=Path.cwd()))
+    assert notices.marker_path("n", store) == expected
 
 
 def test_save_writes_a_png(history, tmp_path: Path) -> None:

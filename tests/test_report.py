@@ -18,7 +18,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from architectures import InputSpec, mlp, multi_io
-from pipeline import data
+from pipeline import data, notices
 from pipeline.inspect import load_keras_model
 from pipeline.tracking import report
 from pipeline.training import optim
@@ -113,6 +113,24 @@ def test_plots_skip_what_cannot_be_drawn_and_never_raise(trained, mlflow_store: 
         assert report.log_training_plots({"loss": [1.0]}, model, optimizer, 10, splits.test, splits.input_spec,
                                          "0" * 32) == []
     assert any(m.startswith("plots not logged to run 00000") for m in caplog.messages), caplog.messages
+
+
+def test_missing_graphviz_warns_on_the_stores_first_run_only(
+        trained, mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    model, optimizer, history, splits = trained
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)  # no Graphviz `dot`
+    said = []
+    for run_name in ["first", "second"]:
+        monkeypatch.setattr(notices, "_said", set())  # each run in a process of its own
+        caplog.clear()
+        with mlflow.start_run(run_name=run_name) as run, caplog.at_level(logging.INFO, logger="pipeline.figures"):
+            logged = report.log_training_plots(history, model, optimizer, splits.steps_per_epoch * 2, splits.test,
+                                               splits.input_spec, run.info.run_id)
+        assert "plots/architecture.png" not in logged and "plots/learning_curves.png" in logged
+        said += [(r.levelname, r.getMessage()) for r in caplog.records if "architecture diagrams" in r.getMessage()]
+    missing = "architecture diagrams skipped: Graphviz's `dot` program (`apt-get install graphviz`) missing"
+    assert said == [("WARNING", f"{missing} (said once per MLflow store)"), ("INFO", missing)]
+    assert (tmp_path / ".mlflow.db.graphviz-missing").is_file(), "remembered beside the store"
 
 
 def test_multi_output_model_gets_one_confusion_matrix_per_head(mlflow_store: str, tmp_path: Path) -> None:

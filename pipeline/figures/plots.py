@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pipeline import notices
 from pipeline.figures.learning_rates import learning_rates, schedule_name, schedule_of
 
 if TYPE_CHECKING:
@@ -209,20 +210,19 @@ def learning_rate_schedule(
     return figure
 
 
-_missing_graphviz_reported = False
-
-
-def architecture_diagram(model: keras.Model, path: str | Path, dpi: int = DIAGRAM_DPI) -> Path | None:
+def architecture_diagram(model: keras.Model, path: str | Path, dpi: int = DIAGRAM_DPI, *,
+                         store: str | None = None) -> Path | None:
     """Draw the model graph with `keras.utils.plot_model`, nested sub-models expanded.
 
     Needs the `pydot` package and Graphviz's `dot` program. Without them the diagram
-    is skipped, not the caller's work: this returns None and logs one warning per
-    process saying what to install.
+    is skipped, not the caller's work: this returns None and logs a warning saying what
+    to install, once per MLflow store (`pipeline.notices`); later runs say it at INFO.
 
     Args:
         model: a built Sequential or Functional model.
         path: where to write it; the suffix picks the format (.png, .svg, .pdf).
         dpi: resolution of raster formats.
+        store: the MLflow tracking URI the diagram is for; None: warn once per process.
 
     Returns:
         `path`, or None when pydot or Graphviz is missing.
@@ -235,7 +235,7 @@ def architecture_diagram(model: keras.Model, path: str | Path, dpi: int = DIAGRA
     if shutil.which("dot") is None:
         missing.append("Graphviz's `dot` program (`apt-get install graphviz`)")
     if missing:
-        _report_missing_graphviz(f"{' and '.join(missing)} missing")
+        _report_missing_graphviz(f"{' and '.join(missing)} missing", store)
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,20 +247,20 @@ def architecture_diagram(model: keras.Model, path: str | Path, dpi: int = DIAGRA
                                dpi=dpi)
     except ImportError as error:
         _report_missing_graphviz(f"Keras found no working Graphviz (`apt-get install graphviz`): "
-                                 f"{' '.join(str(error).split())}")
+                                 f"{' '.join(str(error).split())}", store)
         return None
     if not path.is_file():
         _report_missing_graphviz("keras.utils.plot_model wrote nothing; is Graphviz (`apt-get install graphviz`) "
-                                 "working?")
+                                 "working?", store)
         return None
     return path
 
 
-def _report_missing_graphviz(reason: str) -> None:
-    global _missing_graphviz_reported
-    if not _missing_graphviz_reported:
-        _missing_graphviz_reported = True
-        log.warning("architecture diagrams skipped: %s", reason)
+def _report_missing_graphviz(reason: str, store: str | None) -> None:
+    message = f"architecture diagrams skipped: {reason}"
+    level = notices.level("graphviz-missing", store, message)
+    once = " (said once per MLflow store)" if store and level == logging.WARNING else ""
+    log.log(level, "%s%s", message, once)
 
 
 def save(figure: Figure, path: str | Path, dpi: int = 100) -> Path:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
@@ -86,8 +87,8 @@ def log_training_plots(
             ("confusion matrix", lambda: _confusion_matrices(model, test_data, input_spec)),
             ("gradient norm", lambda: {"grad_norm.png": _grad_norm_figure(client, run_id, grad_norm_threshold)}),
             ("learning rate", lambda: {"learning_rate.png": plots.learning_rate_schedule(optimizer, total_steps)}),
-            ("architecture", lambda: {"architecture.png": plots.architecture_diagram(model,
-                                                                                     directory / "architecture.png")}),
+            ("architecture", lambda: {"architecture.png": plots.architecture_diagram(
+                model, directory / "architecture.png", store=mlflow.get_tracking_uri())}),
         ]
         written: list[str] = []
         for what, make in makers:
