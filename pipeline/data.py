@@ -250,12 +250,15 @@ def _inject_nan(index, batch, *, at: int, first: tf.Tensor):
     return poison(inputs), labels
 
 
-def split(cfg: DictConfig, expression: str) -> tf.data.Dataset:
+def split(cfg: DictConfig, expression: str, *, autocache: bool = True) -> tf.data.Dataset:
     """The (inputs, labels) examples of `cfg.name[expression]` (e.g. `test`, `train[:10%]`),
-    prepared if needed; a bad split expression is a one-line `DatasetError`."""
+    prepared if needed; a bad split expression is a one-line `DatasetError`. `autocache=False`
+    for a caller that reads only part of it: TFDS caches small datasets, and TensorFlow
+    warns when a pass stops inside a cache ("did not fully read the dataset being cached")."""
     builder = prepared_builder(cfg)
     try:
-        return builder.as_dataset(split=expression, as_supervised=True, shuffle_files=False)
+        return builder.as_dataset(split=expression, as_supervised=True, shuffle_files=False,
+                                  read_config=tfds.ReadConfig(try_autocache=autocache))
     except Exception as error:  # TFDS raises several types for a bad split expression
         raise DatasetError(f"split: {expression!r} is not a split of {cfg.name!r}: {error}") from None
 

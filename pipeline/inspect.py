@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger("pipeline.inspect")
+# What inspect prints, for the job's log file only (see `main`): the console has it once.
+report_log = logging.getLogger("pipeline.inspect.report")
 
 # Where a training run keeps its Keras model file (layers, weights, custom classes).
 KERAS_ARTIFACT = "keras/model.keras"
@@ -88,7 +90,7 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
     except ValueError as error:  # unknown layer, or a model without a layer graph
         raise ConfigError(f"layers: {error}") from None
 
-    split = data.split(cfg.dataset, cfg.split)
+    split = data.split(cfg.dataset, cfg.split, autocache=False)  # one batch of it is read
     batch = next(iter(tfds.as_numpy(split.take(cfg.examples).batch(cfg.examples))), None)
     if batch is None:
         raise DatasetError(f"split: {cfg.dataset.name}[{cfg.split}] is empty")
@@ -98,13 +100,19 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
     output_dir = Path(cfg.output_dir or job_dir or "inspect")
     statistics = {name: activations.layer_statistics(name, outputs[name]) for name in names}
     examples = len(next(iter(outputs.values())))
-    print(f"{cfg.model} on {cfg.dataset.name}[{cfg.split}], {examples} examples:", flush=True)
-    print(activations.format_table(statistics.values()), flush=True)
+    _report(f"{cfg.model} on {cfg.dataset.name}[{cfg.split}], {examples} examples:")
+    _report(activations.format_table(statistics.values()))
     for name in statistics:
         plots.save(activations.activation_histogram(name, outputs[name]), output_dir / f"{_file_name(name)}.png")
     (output_dir / "statistics.json").write_text(json.dumps(statistics, indent=2))
-    print(f"histograms of {len(statistics)} layers and statistics.json in {output_dir}", flush=True)
+    _report(f"histograms of {len(statistics)} layers and statistics.json in {output_dir}")
     return statistics
+
+
+def _report(text: str) -> None:
+    """Print `text`, and keep it in the job's log (`inspect.log`) through `report_log`."""
+    print(text, flush=True)
+    report_log.info(text)
 
 
 def load_keras_model(uri: str) -> keras.Model:
@@ -169,6 +177,9 @@ def _file_name(layer_name: str) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="inspect")
 @cli.task
 def main(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    # Hydra logs to the console and to inspect.log: the printed report goes to the file alone.
+    log_files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    report_log.handlers, report_log.propagate = log_files, not log_files
     return inspect_model(cfg, cli.job_output_dir())
 
 

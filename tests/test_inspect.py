@@ -87,8 +87,12 @@ def test_inspect_command_line_every_layer(logged_model, mlflow_store: str, tfds_
     out = tmp_path / "cli_out"
     result = run_module("pipeline.inspect", f"model=runs:/{run_id}/keras/model.keras", "examples=16",
                         f"dataset.data_dir={tfds_dir}", f"output_dir={out}", cwd=tmp_path,
-                        env={"MLFLOW_TRACKING_URI": mlflow_store}, timeout=300)
+                        env={"MLFLOW_TRACKING_URI": mlflow_store, "TF_CPP_MIN_LOG_LEVEL": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    # 16 examples of a split TFDS caches: read in part, the cache used to be discarded with
+    # "The calling iterator did not fully read the dataset being cached" on every run.
+    assert "did not fully read the dataset being cached" not in result.stderr, result.stderr
+    assert "cuInit" not in result.stderr, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"runs:/{run_id}/keras/model.keras on digits[test], 16 examples:"
     assert lines[1].split() == ["layer", "shape", "dtype", "mean", "std", "min", "max", "zeros", "non-finite"]
@@ -105,6 +109,12 @@ def test_inspect_command_line_every_layer(logged_model, mlflow_store: str, tfds_
     assert float(row[4]) == pytest.approx(dense_1.mean(), rel=1e-3)
     # Dropout is off at inference: its output is its input.
     assert statistics["dropout_1"] == statistics["dense_1"] | {"layer": "dropout_1"}
+    # The job's log keeps what was printed (once on the console: stdout is the report alone).
+    [log_file] = tmp_path.glob("outputs/inspect/*/*/inspect.log")
+    logged = log_file.read_text()
+    assert "[pipeline.inspect.report][INFO] - " + lines[0] in logged
+    assert all(line in logged for line in lines), logged
+    assert len(lines) == 10, result.stdout
 
 
 def test_registered_models_are_refused_naming_the_training_run(logged_model, tfds_dir: str) -> None:
