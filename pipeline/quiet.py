@@ -117,6 +117,8 @@ def filtered_stderr(*, drop_info: bool) -> Iterator[None]:
 def _start_filter(drop_info: bool) -> tuple[subprocess.Popen | None, int]:
     """The filter process, writing to a duplicate of fd 2 (also returned); (None, -1)
     when fd 2 is closed or no interpreter can start."""
+    if not sys.executable:  # an embedded interpreter: nothing to start the filter with
+        return None, -1
     try:
         real_stderr = os.dup(2)
     except OSError:
