@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from pipeline.errors import DivergenceError
 from pipeline.training import diagnose
-from pipeline.training.train_state import NON_FINITE, StepGuard, TrainState
+from pipeline.training.train_state import NON_FINITE, Snapshot, StepGuard, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,12 @@ class GradNormGuard(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._poll()
         state = self._state
-        statistics = state.epoch_statistics()
+        snapshot = state.snapshot()
+        statistics = snapshot.epoch_statistics()
         if logs is not None:
             logs.update(statistics)
-        if int(state.bad_global_batch.numpy()) >= 0:  # warn and skip: report, then go on
-            self._report_epoch(epoch, state)
+        if snapshot.bad_step >= 0:  # warn and skip: report, then go on
+            self._report_epoch(epoch, state, snapshot)
         if self.action in ("warn", "skip") and statistics["skipped_steps"] and math.isnan(statistics["grad_norm_max"]):
             raise DivergenceError(f"every step of epoch {epoch} had a non-finite loss or gradient norm and was "
                                   "skipped: training is not progressing")
@@ -138,22 +139,27 @@ class GradNormGuard(keras.callbacks.Callback):
         return self.model.build_train_state()
 
     def _poll(self) -> None:
-        """Between executions: record the norms every N steps and act on a halt."""
+        """Between executions: record the norms every N steps and act on a halt. One
+        read of the packed statistics, and of the step counter when norms are logged."""
         state = self._state
+        snapshot = None
         if self.log_every_n_steps:
             done = int(state.global_batch.numpy())
             if done // self.log_every_n_steps > self._logged_up_to // self.log_every_n_steps:
                 step = done - 1  # the last step of the execution that just ran
-                self._pending.append(("grad_norm", float(state.last_norm.numpy()), step))
-                for name, value in zip(self.model.layer_names, state.last_layer_norms.numpy()):
+                snapshot = state.snapshot()
+                self._pending.append(("grad_norm", snapshot.last_norm, step))
+                for name, value in zip(self.model.layer_names, snapshot.last_layer_norms):
                     self._pending.append((f"grad_norm/{name}", float(value), step))
             self._logged_up_to = done
-        if self.step_guard.halt_on_bad_step and bool(state.halted.numpy()):
-            self._on_halt(state)
+        if self.step_guard.halt_on_bad_step:
+            snapshot = snapshot or state.snapshot()
+            if snapshot.halted:
+                self._on_halt(state, snapshot)
 
-    def _on_halt(self, state: TrainState) -> None:
-        step, epoch = int(state.bad_global_batch.numpy()), int(state.bad_epoch.numpy())
-        message = f"{self._diagnosis(state)}"
+    def _on_halt(self, state: TrainState, snapshot: Snapshot) -> None:
+        step, epoch = snapshot.bad_step, snapshot.bad_epoch
+        message = f"{self._diagnosis(snapshot)}"
         if self.action == "stop":
             self._event("stop", step, epoch, message)
             self._flush()
@@ -178,14 +184,14 @@ class GradNormGuard(keras.callbacks.Callback):
         log.warning("%s: rolled back to the checkpoint at step %d, passing over the next %d batches, learning "
                     "rate x%g", message, restored, self.rollback_skip_batches, float(self.lr_scale.numpy()))
 
-    def _diagnosis(self, state: TrainState) -> str:
+    def _diagnosis(self, bad: Snapshot) -> str:
         """`<what> at step S (epoch E)`, naming the first layer with a non-finite value."""
-        step, epoch, batch = (int(v.numpy()) for v in (state.bad_global_batch, state.bad_epoch, state.bad_batch))
+        step, epoch, batch = bad.bad_step, bad.bad_epoch, bad.bad_batch
         where = f"at step {step} (epoch {epoch})"
-        if int(state.bad_reason.numpy()) != NON_FINITE:
-            norms = dict(zip(self.model.layer_names, state.bad_layer_norms.numpy()))
+        if bad.bad_reason != NON_FINITE:
+            norms = dict(zip(self.model.layer_names, bad.bad_layer_norms))
             largest = max(norms, key=norms.get) if norms else "?"
-            return (f"gradient norm {float(state.bad_norm.numpy()):.3g} above callbacks.grad_norm.threshold="
+            return (f"gradient norm {bad.bad_norm:.3g} above callbacks.grad_norm.threshold="
                     f"{self.threshold:g} {where}; largest in layer '{largest}' ({norms.get(largest, math.nan):.3g})")
         if self.batch_at is None:
             return f"non-finite loss or gradient norm {where}"
@@ -198,12 +204,10 @@ class GradNormGuard(keras.callbacks.Callback):
         what, detail = diagnose.describe(guarded.model, inputs, labels, loss_fn)
         return f"{what} {where}" + (f": {detail}" if detail else "")
 
-    def _report_epoch(self, epoch: int, state: TrainState) -> None:
-        step = int(state.bad_global_batch.numpy())
-        dropped = int(state.dropped_steps.numpy())
-        above = int(state.above_threshold_steps.numpy())
-        reason = "non-finite" if int(state.bad_reason.numpy()) == NON_FINITE else \
-            f"gradient norm {float(state.bad_norm.numpy()):.3g} > {self.threshold:g}"
+    def _report_epoch(self, epoch: int, state: TrainState, bad: Snapshot) -> None:
+        step, dropped, above = bad.bad_step, bad.dropped_steps, bad.above_threshold_steps
+        reason = ("non-finite" if bad.bad_reason == NON_FINITE
+                  else f"gradient norm {bad.bad_norm:.3g} > {self.threshold:g}")
         message = (f"epoch {epoch}: {dropped} step(s) skipped, {above} above the threshold; first at step {step} "
                    f"({reason})")
         self._event(self.action, step, epoch, message)

@@ -71,3 +71,42 @@ def test_one_step_per_execution_matches_several() -> None:
     assert history["label_mean"] == pytest.approx([0.0, 1.0, 2.0, 0.0])
     for a, b in zip(several.model.get_weights(), one.model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("halt", [True, False], ids=["stop", "skip"])
+def test_a_nan_anywhere_in_a_16_step_execution_is_caught_at_its_step(halt: bool) -> None:
+    """The checks run inside the compiled step: whichever of an execution's 16 steps
+    has a non-finite input, that step is recorded (position and norms), its update is
+    never applied, and with `halt` (stop, rollback) neither is any later one."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense"),
+                              keras.layers.Dense(3, name="head")])
+    guarded = GuardedModel(model, StepGuard(halt_on_bad_step=halt), epoch=tf.Variable(0, dtype=tf.int64),
+                           steps_per_epoch=10**6)
+    guarded.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    steps_per_execution=16)
+    x = np.ones([16, 2, 4], np.float32)
+    y = np.zeros([16, 2], np.int64)
+    guarded.build_metrics((x[0], y[0]))
+    state = guarded.build_train_state()
+    train_function = guarded.make_train_function()
+    for position in range(16):
+        bad = x.copy()
+        bad[position, 1, 2] = np.nan
+        before = [w.numpy() for w in model.weights]
+        iterations = int(guarded.optimizer.iterations.numpy())
+        train_function(iter(tf.data.Dataset.from_tensor_slices((bad, y))))
+        snapshot = state.snapshot()
+        first = int(state.global_batch.numpy()) - 16  # the execution's first step
+        assert (snapshot.bad_step, snapshot.bad_batch) == (first + position, first + position), position
+        assert np.isnan(snapshot.bad_loss) and snapshot.bad_layer_norms.shape == (2,)
+        applied = int(guarded.optimizer.iterations.numpy()) - iterations
+        if halt:  # the steps before it trained, the bad one and every later one did not
+            assert snapshot.halted and applied == position
+            if position == 0:
+                assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+        else:  # only the bad step was dropped, and counted
+            assert not snapshot.halted and applied == 15
+            assert snapshot.dropped_steps == position + 1  # one per execution so far, this epoch
+        assert all(np.isfinite(w.numpy()).all() for w in model.weights)
+        state.clear_bad_step()

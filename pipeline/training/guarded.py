@@ -29,7 +29,7 @@ from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 from keras.src.losses import loss as keras_loss  # Keras' own train step uses it: same semantics
 
 from pipeline.training import cross_replica
-from pipeline.training.train_state import ABOVE_THRESHOLD, NON_FINITE, TrainState
+from pipeline.training.train_state import TrainState
 
 if TYPE_CHECKING:
     from pipeline.training.train_state import StepGuard
@@ -171,25 +171,8 @@ class GuardedModel(keras.Model):
             # Under loss scaling, overflowing gradients are routine: LossScaleOptimizer
             # drops that update and lowers the scale. Only a non-finite loss is divergence.
             non_finite = ~tf.math.is_finite(loss32 if loss_scaled else loss32 + norm)
-            above = tf.math.is_finite(norm) & (norm > guard.threshold) if guard.threshold is not None \
-                else tf.constant(False)
-            was_halted = state.halted.read_value()
-            bad = non_finite | (above & guard.drop_bad_steps)
-            ok = ~bad & ~was_halted
-            counted = ~was_halted  # steps after a halt are not this run's steps to judge
-            finite_norm = tf.math.is_finite(norm) & counted
-            state.norm_max.assign(tf.where(finite_norm, tf.maximum(state.norm_max, norm), state.norm_max))
-            state.norm_sum.assign_add(tf.where(finite_norm, norm, 0.0))
-            state.norm_count.assign_add(tf.cast(finite_norm, tf.int64))
-            state.dropped_steps.assign_add(tf.cast(bad & counted, tf.int64))
-            state.above_threshold_steps.assign_add(tf.cast(above & counted, tf.int64))
-            first_bad = (bad | above) & counted & (state.bad_global_batch < 0)
-            tf.cond(first_bad, lambda: self._record_bad_step(state, non_finite, loss32, norm, layer_norms),
-                    lambda: tf.constant(False))
-            if guard.halt_on_bad_step:
-                state.halted.assign(was_halted | bad)
-            state.last_norm.assign(tf.where(counted, norm, state.last_norm))
-            state.last_layer_norms.assign(tf.where(counted, layer_norms, state.last_layer_norms))
+            above = None if guard.threshold is None else tf.math.is_finite(norm) & (norm > guard.threshold)
+            ok = state.record_step(loss32, norm, layer_norms, non_finite, above, guard)
 
         # Replica-local values are arguments, not captured: under a strategy each replica's
         # own are passed in (pipeline.training.cross_replica.cond).
@@ -204,29 +187,18 @@ class GuardedModel(keras.Model):
                                   args=(x, y, y_pred, sample_weight, loss, gradients))
 
     def _norms(self, gradients) -> tuple[tf.Tensor, tf.Tensor]:
-        """(per-layer norms, global norm) of the true (unscaled) gradients."""
-        squares = []
-        for _, indices in self._groups():
-            parts = [tf.reduce_sum(tf.square(tf.cast(_values(gradients[i]), tf.float32)))
-                     for i in indices if gradients[i] is not None]
-            squares.append(tf.add_n(parts) if parts else tf.constant(0.0))
-        squares = tf.stack(squares) if squares else tf.zeros([0])
+        """(per-layer norms, global norm) of the true (unscaled) gradients: one fused
+        sum of squares per gradient (`l2_loss`), summed per layer in one op."""
+        present = [(layer, i) for layer, (_, indices) in enumerate(self._groups()) for i in indices
+                   if gradients[i] is not None]
+        if not present:
+            return tf.zeros([len(self._groups())]), tf.constant(0.0)
+        halves = tf.stack([tf.nn.l2_loss(_float32(_values(gradients[i]))) for _, i in present])  # sum(g**2) / 2
+        per_layer = tf.math.unsorted_segment_sum(halves, [layer for layer, _ in present], len(self._groups()))
         scale = 1.0
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
-        return tf.sqrt(squares) / scale, tf.sqrt(tf.reduce_sum(squares)) / scale
-
-    @staticmethod
-    def _record_bad_step(state: TrainState, non_finite, loss, norm, layer_norms) -> tf.Tensor:
-        state.bad_reason.assign(tf.where(non_finite, tf.constant(NON_FINITE, tf.int64),
-                                         tf.constant(ABOVE_THRESHOLD, tf.int64)))
-        state.bad_global_batch.assign(state.global_batch)
-        state.bad_epoch.assign(state.epoch)
-        state.bad_batch.assign(state.batch)
-        state.bad_loss.assign(loss)
-        state.bad_norm.assign(norm)
-        state.bad_layer_norms.assign(layer_norms)
-        return tf.constant(True)
+        return tf.sqrt(2.0 * per_layer) / scale, tf.sqrt(2.0 * tf.reduce_sum(halves)) / scale
 
 
 def layer_path(variable, model: keras.Model) -> str:
@@ -234,6 +206,10 @@ def layer_path(variable, model: keras.Model) -> str:
     `member_0/dense` inside a nested model."""
     path = variable.path.rpartition("/")[0] or variable.path
     return path.removeprefix(f"{model.name}/")
+
+
+def _float32(tensor: tf.Tensor) -> tf.Tensor:
+    return tensor if tensor.dtype == tf.float32 else tf.cast(tensor, tf.float32)
 
 
 def _values(gradient):

@@ -3,6 +3,10 @@ checkpoints around it: the policy it applies to a bad step (`StepGuard`, set by 
 gradient-norm callback) and the variables it keeps (`TrainState`: data position,
 per-epoch gradient statistics and the first bad step), which callbacks read between
 executions and checkpoints save.
+
+The statistics and the first bad step are one packed vector (`TrainState.stats`): the
+step reads and writes it once (`TrainState.record_step`), and a callback reads it once
+per execution (`TrainState.snapshot`), however many layers the model has.
 """
 
 from __future__ import annotations
@@ -10,11 +14,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 
-# Why a step was bad, as recorded in `TrainState.bad_reason`.
+# Why a step was bad, as recorded in the packed `stats`.
 NON_FINITE = 1
 ABOVE_THRESHOLD = 2
+
+# The layout of `TrainState.stats` (float64: step numbers stay exact up to 2**53), for L layers:
+# [0, 5) this epoch's statistics; 5 halted; [6, 7 + L) the last counted step's norms;
+# [7 + L, 13 + 2L) the first bad step since the last `clear_bad_step` (none: step -1).
+NORM_MAX, NORM_SUM, NORM_COUNT, DROPPED, ABOVE = range(5)
+EPOCH_STATISTICS = 5
+HALTED = 5
+LAST = 6  # last norm, then the per-layer norms
+# The first bad step's fields, from where it starts; then its per-layer norms.
+BAD_REASON, BAD_STEP, BAD_EPOCH, BAD_BATCH, BAD_LOSS, BAD_NORM = range(6)
+NO_BAD_STEP = (0.0, -1.0, -1.0, -1.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -26,8 +42,8 @@ class StepGuard:
             loss or gradient norm is.
         drop_bad_steps: drop bad steps' updates. Always true for non-finite steps.
         halt_on_bad_step: after the first bad step, drop every update until a callback
-            resumes the step (`TrainState.halted`), so the weights stay as they were
-            before it: for `stop` (then diagnose) and `rollback`.
+            resumes the step (`TrainState.clear_bad_step`), so the weights stay as they
+            were before it: for `stop` (then diagnose) and `rollback`.
     """
 
     threshold: float | None = None
@@ -36,57 +52,75 @@ class StepGuard:
 
 
 class TrainState(tf.Module):
-    """The train step's variables: data position, per-epoch gradient statistics and the
-    first bad step. Read between executions; saved in checkpoints."""
+    """The train step's variables: data position, and the packed per-epoch gradient
+    statistics and first bad step. Read between executions; saved in checkpoints."""
 
     def __init__(self, layer_names: list[str], epoch: tf.Variable | None = None) -> None:
         super().__init__(name="train_state")
+        self.layers = len(layer_names)
 
         # Under a tf.distribute strategy every replica computes the same values (from
         # all-reduced gradients and loss), so each keeps its own copy, updated without
         # cross-replica traffic, and reads and checkpoints use the first replica's.
-        def variable(value, dtype=None):
+        def variable(value, dtype):
             return tf.Variable(value, dtype=dtype, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-        def scalar(dtype, value=0):
-            return variable(value, dtype)
-
         # Data position. `epoch` also seeds the epoch's shuffle order (pipeline.data), so
         # (epoch, batch) reproduces exactly which batch comes next.
-        self.epoch = scalar(tf.int64) if epoch is None else epoch
-        self.batch = scalar(tf.int64)  # batches consumed this epoch, dropped ones included
-        self.global_batch = scalar(tf.int64)  # batches consumed in the run
-        self.skip_batches = scalar(tf.int64)  # batches still to pass over without training
-        # This epoch's gradient statistics over the steps that ran.
-        self.norm_max = scalar(tf.float32)
-        self.norm_sum = scalar(tf.float32)
-        self.norm_count = scalar(tf.int64)
-        self.dropped_steps = scalar(tf.int64)
-        self.above_threshold_steps = scalar(tf.int64)
-        # The most recent step's norms, for logging every N steps.
-        self.last_norm = scalar(tf.float32)
-        self.last_layer_norms = variable(tf.zeros([len(layer_names)]))
-        # The first bad step since the last `clear_bad_step`.
-        self.halted = scalar(tf.bool, False)
-        self.bad_reason = scalar(tf.int64)
-        self.bad_global_batch = scalar(tf.int64, -1)
-        self.bad_epoch = scalar(tf.int64, -1)
-        self.bad_batch = scalar(tf.int64, -1)
-        self.bad_loss = scalar(tf.float32)
-        self.bad_norm = scalar(tf.float32)
-        self.bad_layer_norms = variable(tf.zeros([len(layer_names)]))
+        self.epoch = variable(0, tf.int64) if epoch is None else epoch
+        self.batch = variable(0, tf.int64)  # batches consumed this epoch, dropped ones included
+        self.global_batch = variable(0, tf.int64)  # batches consumed in the run
+        self.skip_batches = variable(0, tf.int64)  # batches still to pass over without training
+        self.stats = variable(self._initial_stats(), tf.float64)
+
+    def _initial_stats(self) -> np.ndarray:
+        return np.concatenate([np.zeros(LAST + 1 + self.layers), NO_BAD_STEP, np.zeros(self.layers)])
+
+    @property
+    def _bad(self) -> int:
+        """Where the first bad step starts in `stats`."""
+        return LAST + 1 + self.layers
+
+    def record_step(self, loss: tf.Tensor, norm: tf.Tensor, layer_norms: tf.Tensor, non_finite: tf.Tensor,
+                    above: tf.Tensor | None, guard: StepGuard) -> tf.Tensor:
+        """In the train step: fold one step's checks into `stats` (one read, one write),
+        and return whether to apply its update. `above`: the norm is above the guard's
+        threshold (None: there is none)."""
+        f64 = tf.float64
+        stats = self.stats.read_value()
+        was_halted = stats[HALTED] > 0
+        counted = ~was_halted  # steps after a halt are not this run's steps to judge
+        above = tf.constant(False) if above is None else above
+        bad = non_finite | above if guard.drop_bad_steps else non_finite
+        finite_norm = tf.math.is_finite(norm) & counted
+        norm64 = tf.cast(norm, f64)
+        epoch = tf.concat([
+            tf.where(finite_norm, tf.maximum(stats[NORM_MAX:NORM_MAX + 1], norm64), stats[NORM_MAX:NORM_MAX + 1]),
+            stats[NORM_SUM:EPOCH_STATISTICS] + tf.cast(tf.stack([tf.where(finite_norm, norm, 0.0),
+                                                                tf.cast(finite_norm, tf.float32),
+                                                                tf.cast(bad & counted, tf.float32),
+                                                                tf.cast(above & counted, tf.float32)]), f64),
+        ], axis=0)
+        halted = tf.cast(was_halted | bad, f64)[None] if guard.halt_on_bad_step else stats[HALTED:HALTED + 1]
+        norms = tf.concat([norm64[None], tf.cast(layer_norms, f64)], axis=0)
+        last = tf.where(counted, norms, stats[LAST:self._bad])
+        first_bad = (bad | above) & counted & (stats[self._bad + BAD_STEP] < 0)
+        record = tf.concat([tf.cast(tf.stack([tf.where(non_finite, NON_FINITE, ABOVE_THRESHOLD)]), f64),
+                            tf.cast(tf.stack([self.global_batch, self.epoch, self.batch]), f64),
+                            tf.cast(loss, f64)[None], norms], axis=0)
+        bad_step = tf.where(first_bad, record, stats[self._bad:])
+        self.stats.assign(tf.concat([epoch, halted, last, bad_step], axis=0))
+        return ~bad & ~was_halted
 
     def reset_epoch_statistics(self) -> None:
-        for variable in (self.norm_max, self.norm_sum, self.norm_count, self.dropped_steps,
-                         self.above_threshold_steps):
-            variable.assign(tf.zeros_like(variable))
+        self.stats.assign(tf.concat([tf.zeros([EPOCH_STATISTICS], tf.float64), self.stats[EPOCH_STATISTICS:]], 0))
 
     def clear_bad_step(self) -> None:
-        self.halted.assign(False)
-        self.bad_reason.assign(0)
-        for variable in (self.bad_global_batch, self.bad_epoch, self.bad_batch):
-            variable.assign(-1)
+        """Forget the first bad step and resume updates after a halt."""
+        stats = self.stats.read_value()
+        self.stats.assign(tf.concat([stats[:HALTED], tf.zeros([1], tf.float64), stats[LAST:self._bad],
+                                     tf.constant(NO_BAD_STEP, tf.float64), tf.zeros([self.layers], tf.float64)], 0))
 
     def re_enter_epoch(self) -> None:
         """Continue mid-epoch after a restore: the epoch's data iterator starts from its
@@ -96,10 +130,78 @@ class TrainState(tf.Module):
         self.global_batch.assign_sub(done)
         self.batch.assign(0)
 
+    def snapshot(self) -> Snapshot:
+        """The statistics and first bad step as Python values: one read of `stats`."""
+        return Snapshot(self.stats.numpy(), self.layers)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One read of `TrainState.stats`."""
+
+    values: np.ndarray
+    layers: int
+
+    def _at(self, index: int) -> float:
+        return float(self.values[index])
+
+    @property
+    def halted(self) -> bool:
+        return self._at(HALTED) > 0
+
+    @property
+    def last_norm(self) -> float:
+        return self._at(LAST)
+
+    @property
+    def last_layer_norms(self) -> np.ndarray:
+        return self.values[LAST + 1:LAST + 1 + self.layers]
+
+    @property
+    def dropped_steps(self) -> int:
+        return int(self._at(DROPPED))
+
+    @property
+    def above_threshold_steps(self) -> int:
+        return int(self._at(ABOVE))
+
+    def _bad(self, field: int) -> float:
+        return self._at(LAST + 1 + self.layers + field)
+
+    @property
+    def bad_step(self) -> int:
+        """The first bad step's global batch number; -1: none since the last clear."""
+        return int(self._bad(BAD_STEP))
+
+    @property
+    def bad_epoch(self) -> int:
+        return int(self._bad(BAD_EPOCH))
+
+    @property
+    def bad_batch(self) -> int:
+        return int(self._bad(BAD_BATCH))
+
+    @property
+    def bad_reason(self) -> int:
+        return int(self._bad(BAD_REASON))
+
+    @property
+    def bad_loss(self) -> float:
+        return self._bad(BAD_LOSS)
+
+    @property
+    def bad_norm(self) -> float:
+        return self._bad(BAD_NORM)
+
+    @property
+    def bad_layer_norms(self) -> np.ndarray:
+        start = LAST + 1 + self.layers + len(NO_BAD_STEP)
+        return self.values[start:start + self.layers]
+
     def epoch_statistics(self) -> dict[str, float]:
-        count = int(self.norm_count.numpy())
+        count = self._at(NORM_COUNT)
         return {
-            "grad_norm_max": float(self.norm_max.numpy()) if count else math.nan,
-            "grad_norm_mean": float(self.norm_sum.numpy()) / count if count else math.nan,
-            "skipped_steps": float(self.dropped_steps.numpy()),
+            "grad_norm_max": self._at(NORM_MAX) if count else math.nan,
+            "grad_norm_mean": self._at(NORM_SUM) / count if count else math.nan,
+            "skipped_steps": float(self._at(DROPPED)),
         }
