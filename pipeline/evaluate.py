@@ -1,7 +1,7 @@
 """Score any MLflow model on a dataset split, with none of the training code involved.
 
     python -m pipeline.evaluate model=models:/digits-mlp@champion
-    python -m pipeline.evaluate model=models:/digits-mlp/3 split='train[:10%]'
+    python -m pipeline.evaluate model=models:/digits-mlp/3 "split='train[:10%]'"   # Hydra needs the inner quotes
 
 The model is loaded through `mlflow.pyfunc`, exactly as a serving process would load
 it, and receives the split's raw images. Unless `log_run=false`, the evaluation is

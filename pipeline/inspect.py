@@ -1,7 +1,7 @@
 """Look inside a trained Keras model: what each layer outputs on a batch of real data.
 
     python -m pipeline.inspect model=runs:/RUN_ID                       # every layer
-    python -m pipeline.inspect model=runs:/RUN_ID layers=[dense_1,dense_2] split='train[:10%]' examples=64
+    python -m pipeline.inspect model=runs:/RUN_ID 'layers=[dense_1,dense_2]' "split='train[:10%]'" examples=64
     python -m pipeline.inspect model=path/to/model.keras output_dir=inspect/
 
 The tutorial's intermediate-model technique (`pipeline.figures.activations`): a `keras.Model`
