@@ -610,3 +610,23 @@ def test_evaluate_against_a_tracking_server(command: Command, server_run, mlflow
                                     arguments(argv[3:], (f"dataset.data_dir={tfds_dir}", "log_run=false")), capsys)
     check_outcome(command, code, out, err)
     assert "models:/digits-mlp@champion on digits[test]" in out
+
+
+# -- counts and output the README quotes -------------------------------------------------
+
+
+def test_counts_the_readme_quotes_are_the_tables_they_count() -> None:
+    from test_bad_input import BAD_INPUTS
+
+    text = " ".join(README.read_text().split())
+    assert f"`tests/test_bad_input.py` keeps a table of {len(BAD_INPUTS)} such cases" in text
+
+
+@pytest.mark.slow
+def test_the_closing_block_shown_is_the_one_printed(quick_start: QuickStart) -> None:
+    """The quick start's example output has the rows, in the order, a run prints."""
+    (shown,) = re.findall(r"^```text\n(run .*?)^```", README.read_text(), re.S | re.M)
+    *_, start = re.finditer(r"^run +\S+ \([0-9a-f]{32}\)$", quick_start.result.stdout, re.M)
+    printed = quick_start.result.stdout[start.start():]
+    labels = [re.split(r"\s{2,}", line)[0] for line in shown.splitlines()]
+    assert labels == [re.split(r"\s{2,}", line)[0] for line in printed.strip().splitlines()][:len(labels)], printed
