@@ -167,7 +167,6 @@ TINY = {
 }
 
 
-
 def tiny_settings(command: Command) -> tuple[str, ...]:
     """What is appended to `command`: its `TINY_FOR` entry, else its entry point's `TINY`,
     less `debug=smoke` where the command picks its own debug mode."""
@@ -184,19 +183,20 @@ TINY_FOR = {
     # The quick start also registers its model: digits-mlp/1 @champion is what the
     # evaluate, inspect, reload and MLflow commands below use.
     "python -m pipeline.train": (*TINY["pipeline.train"], "mlflow.log_model=true"),
-    # A reproduction refuses any other override; it reproduces the quick start's smoke run.
+    # A reproduction refuses any other override; it reproduces a smoke run (REPRODUCE).
     "python -m pipeline.train reproduce=RUN_ID determinism=true": (),
     # A search of 20 (or 8) trials is one trial here: the same sweeper, study and parent run.
     "python -m pipeline.train hparams_search=optuna hydra.sweeper.n_trials=20":
         (*TINY["pipeline.train"], "hydra.sweeper.n_trials=1"),
     "python -m pipeline.train hparams_search=optuna hydra.sweeper.n_trials=8 trainer.epochs=6":
         (*TINY["pipeline.train"], "hydra.sweeper.n_trials=1"),
+    # The pruner is not part of the study's name: this continues the one-trial study of
+    # the n_trials=20 line, so a second trial runs under hyperband.
     "python -m pipeline.train hparams_search=optuna hydra.sweeper.pruner=hyperband":
-        (*TINY["pipeline.train"], "hydra.sweeper.n_trials=1"),
+        (*TINY["pipeline.train"], "hydra.sweeper.n_trials=2"),
     # The UI binds the README's default port 5000 otherwise, which another test may hold;
     # its default 4 workers cost 4 start-ups of the 2 cores for one request.
     "mlflow ui --backend-store-uri sqlite:///mlflow.db": ("--port", "{port}", "--workers", "1"),
-    "mlflow artifacts download -u models:/digits-mlp@champion/serving_input_example.json -d .": (),
 }
 
 # Run as typed in a fresh interpreter (plus their tiny settings): what a user's terminal
