@@ -208,6 +208,10 @@ class SplitDataset(Dataset):
         return super().to_dict() | {"profile": json.dumps(self.profile)}
 
 
+# How each database MLflow supports reports a second insert of one dataset (sqlite, PostgreSQL, MySQL).
+DATASET_KEY_CLASHES = ("UNIQUE constraint failed: datasets.", '"dataset_pk"', "for key 'datasets.PRIMARY'")
+
+
 def log_dataset_input(
     name: str,
     version: str,
@@ -248,7 +252,16 @@ def log_dataset_input(
         for dataset in datasets
     ]
     run_id = run_id or mlflow.active_run().info.run_id
-    mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)  # one call for every split
+    client = mlflow.MlflowClient()
+    try:
+        client.log_inputs(run_id, datasets=inputs)  # one call for every split
+    except mlflow.exceptions.MlflowException as error:
+        # MLflow's store looks the dataset up, then inserts it, in two statements: runs
+        # starting together in one experiment can both insert it, and all but one fail
+        # on the unique key. Nothing was written; now the dataset exists and is linked.
+        if not any(key in str(error) for key in DATASET_KEY_CLASHES):
+            raise
+        client.log_inputs(run_id, datasets=inputs)
     return datasets
 
 
