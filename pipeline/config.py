@@ -194,11 +194,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     return compose_with_hydra(overrides, config_name)[0]
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, meanwhile: Callable[[], None] | None = None) -> None:
     """Check a composed training config; raise `ConfigError` naming the first bad key.
 
-    The value checks run in pure Python first; only then are the `_target_`s imported
-    (which imports Keras). Either way no data is read and no model is built.
+    The value checks run in pure Python first; then `meanwhile()` starts what can overlap
+    TensorFlow's import, and the `_target_`s are imported. No data is read, no model built.
     """
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -253,6 +253,8 @@ def validate(cfg: DictConfig) -> None:
 
     distribute.validate(cfg.get("distribution"))
 
+    if meanwhile:
+        meanwhile()
     quiet.import_tensorflow()  # the targets' modules import it: without its CUDA probing on a CPU-only machine
     _check_target(cfg, "optimizer")
     builder = _check_target(cfg, "architecture")

@@ -25,16 +25,18 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import cli, recovery
+from pipeline import cli, recovery, startup
 from pipeline.config import compose_with_hydra, validate
 from pipeline.recovery import Resume
-from pipeline.tracking import optuna_trial, sweep_job
-from pipeline.tracking.optuna_trial import OptunaTrial
-from pipeline.tracking.sweep_job import SweepJob
 from pipeline.training import distribute
+
+if TYPE_CHECKING:
+    from pipeline.tracking.optuna_trial import OptunaTrial
+    from pipeline.tracking.sweep_job import SweepJob
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,14 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
 
 
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
+    # TensorFlow's import (in `validate`) and MLflow's with its store (~2 s) overlap well:
+    # a recording process opens the store on a thread meanwhile. The job's sweep and
+    # trial are read after, since their modules import MLflow. (`resolve` validates
+    # again: by then in milliseconds.)
+    if distribute.role(cfg.get("distribution"))[1]:
+        validate(cfg, meanwhile=lambda: startup.open_store_meanwhile(cfg.mlflow.tracking_uri))
+    from pipeline.tracking import optuna_trial, sweep_job
+
     return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=cli.overrides(hydra_node),
                    output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
                    sweep=sweep_job.current_job(), optuna_trial=optuna_trial.current_trial())
