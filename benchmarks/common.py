@@ -31,23 +31,33 @@ TRAIN_EXAMPLES = round(12000 * 0.9)  # synthetic_mnist's train split less the 10
 class EpochTimer(keras.callbacks.Callback):
     """Wall time of each epoch, from one epoch's start to the next one's (so per-epoch
     work of every other callback, validation included, is inside), and the last
-    epoch's start to the end of training."""
+    epoch's start to the end of training; and the optimizer steps each epoch took."""
 
     starts: list[float] = []  # class-level: the pipeline instantiates it from config
+    steps: list[int] = []
 
     def on_train_begin(self, logs=None) -> None:
-        EpochTimer.starts = []
+        EpochTimer.starts, EpochTimer.steps = [], []
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        EpochTimer.starts.append(time.perf_counter())
+        self._mark()
 
     def on_train_end(self, logs=None) -> None:
+        self._mark()
+
+    def _mark(self) -> None:
         EpochTimer.starts.append(time.perf_counter())
+        EpochTimer.steps.append(int(self.model.optimizer.iterations.numpy()))
 
     @classmethod
     def steady_epochs(cls) -> list[float]:
         """Epoch times without the first epoch (it traces and compiles)."""
         return [b - a for a, b in zip(cls.starts, cls.starts[1:])][1:]
+
+    @classmethod
+    def steady_steps(cls) -> list[int]:
+        """Optimizer steps of each steady epoch."""
+        return [b - a for a, b in zip(cls.steps, cls.steps[1:])][1:]
 
     @classmethod
     def steady_epoch_seconds(cls) -> float:
@@ -89,6 +99,15 @@ class Throughput:
         """From the epochs `EpochTimer` timed, `examples` per epoch."""
         return cls(examples / EpochTimer.best_epoch_seconds(), examples / EpochTimer.steady_epoch_seconds())
 
+    @classmethod
+    def of_steps(cls, examples_per_step: float) -> Throughput:
+        """From the epochs `EpochTimer` timed and the optimizer steps each took: for a
+        `fit` whose epochs are not the data's (Keras's own train function runs whole
+        executions, e.g. 6 x 16 = 96 steps for an 85-batch `steps_per_epoch`)."""
+        rates = [steps * examples_per_step / seconds
+                 for steps, seconds in zip(EpochTimer.steady_steps(), EpochTimer.steady_epochs())]
+        return cls(max(rates), statistics.median(rates))
+
 
 def interleaved(pairs: int, candidate: Callable[[], Throughput],
                 baseline: Callable[[], Throughput]) -> list[tuple[float, float]]:
@@ -102,6 +121,16 @@ def interleaved(pairs: int, candidate: Callable[[], Throughput],
               f"baseline {base.best:,.0f}/s ({base.median:,.0f}/s), ratio {ratios[-1][0]:.3f} "
               f"(median epochs: {ratios[-1][1]:.3f})", flush=True)
     return ratios
+
+
+def interleaved_runs(rounds: int, runs: dict[str, Callable[[], Throughput]]) -> list[dict[str, Throughput]]:
+    """Run each of `runs` in turn, `rounds` times (A B C A B C ...); each round's throughputs."""
+    results = []
+    for index in range(rounds):
+        results.append({name: run() for name, run in runs.items()})
+        print(f"  round {index + 1}: " + ", ".join(f"{name} {t.best:,.0f}/s (median epoch {t.median:,.0f}/s)"
+                                                   for name, t in results[-1].items()), flush=True)
+    return results
 
 
 def machine() -> str:
