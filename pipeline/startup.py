@@ -2,11 +2,10 @@
 
 Importing TensorFlow takes 6-10 s on 2 cores, much of it reading and linking shared
 libraries with the GIL released. Importing MLflow and opening its store (SQLAlchemy,
-and the sqlite schema's check or creation) takes another 1.5-2.5 s and needs no
-TensorFlow, so a run's entry point does it on a thread meanwhile
-(`open_store_meanwhile`, `python -m benchmarks.startup` measures what it saves).
-`pipeline.tracking.connect` waits for it, then finds the store open and MLflow imported:
-nothing else touches MLflow in between, and anything that fails here fails again
+and the sqlite schema's check) takes another 1.5-2.5 s and needs no TensorFlow, so a
+run's entry point does it on a thread meanwhile (`pipeline.plan`; `python -m
+benchmarks.startup` measures start-up). `pipeline.tracking.connect` waits for it, so
+nothing else touches MLflow in between, and anything that failed here fails again
 there, in the main thread, with the message it always had.
 """
 
@@ -14,29 +13,29 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-_opening: list[threading.Thread] = []
+_running: list[threading.Thread] = []
 
 
-def open_store_meanwhile(configured_uri: str | None) -> None:
-    """Import MLflow and open the store `mlflow.tracking_uri` names, on a thread."""
-    thread = threading.Thread(target=_open_store, args=(configured_uri,), name="open-mlflow-store")
+def in_background(work: Callable[[], None], name: str) -> None:
+    """Run `work()` on a thread; its failure is only logged (at DEBUG): whoever needs its
+    result does it again after `wait()`, and reports what fails then."""
+
+    def quietly() -> None:
+        try:
+            work()
+        except BaseException as error:
+            log.debug("%s failed in the background (it is done again, and reported, when needed): %r", name, error)
+
+    thread = threading.Thread(target=quietly, name=name)
     thread.start()
-    _opening.append(thread)
+    _running.append(thread)
 
 
 def wait() -> None:
-    """Until the store is open (or failed to open); at once when nothing was started."""
-    while _opening:
-        _opening.pop().join()
-
-
-def _open_store(configured_uri: str | None) -> None:
-    try:
-        from pipeline import tracking
-
-        tracking.open_store(configured_uri)
-    except BaseException as error:  # connect() reports it, in the main thread
-        log.debug("opening the MLflow store ahead failed (connect will say why): %r", error)
+    """Until the background work is done; at once when there is none."""
+    while _running:
+        _running.pop().join()

@@ -27,6 +27,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import startup
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
 from pipeline.redact import redact, redact_command, redact_config, split_credentials
 
@@ -70,9 +71,7 @@ def connect(cfg: DictConfig) -> str:
     created (or its schema upgraded) under an inter-process lock: two runs started at
     once on a new directory would otherwise both create the tables, and one would fail.
     """
-    from pipeline import startup
-
-    startup.wait()  # the entry point may have begun opening the store while TensorFlow imported
+    startup.wait()  # the entry point may be opening the store (`plan`, while TensorFlow imports)
     uri = tracking_uri(cfg.tracking_uri)
     if uri.startswith(("http://", "https://")):
         import requests
@@ -98,7 +97,7 @@ def connect(cfg: DictConfig) -> str:
 
 def open_store(configured: str | None) -> None:
     """Open an existing local store's database (its schema checked) as `connect`'s first
-    query would, with nothing of MLflow's global state set (`pipeline.startup`). A new
+    query would, with nothing of MLflow's global state set (on a thread, `pipeline.startup`). A new
     store is left for `connect` to create: a config refused meanwhile leaves no store."""
     uri = _chosen_uri(configured)
     if not uri.startswith("sqlite:///"):  # a server's URI may carry credentials: `tracking_uri` handles those

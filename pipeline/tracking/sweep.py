@@ -4,7 +4,8 @@
     python -m pipeline.train -m architecture=mlp,resnet hydra/launcher=joblib hydra.launcher.n_jobs=2
     python -m pipeline.train hparams_search=optuna
 
-`SweepRuns` is a Hydra callback (`hydra.callbacks.sweep` in `conf/train.yaml`):
+`SweepRuns` is a Hydra callback (`hydra.callbacks.sweep` in `conf/train.yaml`, through the light
+`pipeline.sweep_callback`):
 
 - `on_multirun_start` (launching process): opens the tracking store and the experiment
   once, before any job (parallel jobs racing to create a fresh sqlite schema fail), and
@@ -43,7 +44,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli, tracking
-from pipeline.errors import ConfigError, one_line
+from pipeline.errors import one_line
 from pipeline.redact import redact, redact_command
 from pipeline.tracking import optuna_runs, sweep_resume
 from pipeline.tracking.sweep_job import SWEEP_JOB_ENV, current_job, failure_of, find_children, optuna_tags, swept_keys
@@ -57,31 +58,14 @@ LOCK_RETRIES = 5
 
 T = TypeVar("T")
 
-# hydra.callbacks.sweep.register: which jobs' models become registered versions.
-REGISTER_CHOICES = ("best", "all", "none")
-
 
 class SweepRuns(Callback):
-    """Hydra callback: an MLflow parent run for a multirun and its summary.
-
-    Args:
-        best_alias: registered-model alias moved to the best child's model version
-            (when the child registered one); null leaves aliases alone.
-        direction: `maximize` or `minimize` the optimized metric to pick the best child;
-            `auto` takes the Optuna sweeper's direction, else minimizes a metric named
-            `*loss*` and maximizes any other.
-        fail_on_failed_jobs: exit non-zero when any job failed (after the summary).
-        register: `best`: only the best child's model becomes a registered version (the
-            sweep's one candidate for the champion alias); `all`: every child's; `none`.
-    """
+    """Hydra callback: an MLflow parent run for a multirun and its summary. Configured
+    through `pipeline.sweep_callback.SweepRuns`, which checks the arguments (see there)
+    and imports this module only for a multirun."""
 
     def __init__(self, best_alias: str | None = "sweep-best", direction: str = "auto",
                  fail_on_failed_jobs: bool = True, register: str = "best") -> None:
-        if direction not in ("auto", "maximize", "minimize"):
-            raise ConfigError(f"hydra.callbacks.sweep.direction must be auto, maximize or minimize. "
-                              f"Received: {direction!r}")
-        if register not in REGISTER_CHOICES:
-            raise ConfigError(f"hydra.callbacks.sweep.register must be best, all or none. Received: {register!r}")
         self.best_alias = best_alias
         self.register = register
         self.direction = direction
