@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
 from pipeline.training.checkpoint_store import NumberedCheckpoints, by_path, latest_readable, read_all
+from pipeline.training.guarded import compiled_after_first_call
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,11 @@ class Checkpointing(keras.callbacks.Callback):
                 lambda v: tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="shadow"), live)
         pairs = list(zip(tf.nest.flatten(shadow), tf.nest.flatten(live)))
 
-        @tf.function(autograph=False)
-        def snapshot():  # one graph call: copying ~100 variables eagerly costs ~30 ms
+        def snapshot():  # one graph call from the second save on: copying ~100 variables eagerly costs ~30 ms
             for copy, variable in pairs:
                 copy.assign(variable)
 
-        self._snapshot = snapshot
+        self._snapshot = compiled_after_first_call(snapshot)  # the first, initial save is before the first step
         return tf.train.Checkpoint(**shadow)
 
     def restore_latest(self) -> tuple[int, int] | None:

@@ -217,13 +217,29 @@ def _values(gradient):
     return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
 
 
+def compiled_after_first_call(fn):
+    """`fn` (no arguments, or tensors), run eagerly on its first call and as a compiled
+    graph from its second on: for per-epoch or per-save work whose first call comes before
+    the first train step, where tracing it (0.1-0.3 s) costs more than running it once."""
+    compiled = tf.function(fn, autograph=False)
+    calls = 0
+
+    def call(*args):
+        nonlocal calls
+        calls += 1
+        return fn(*args) if calls == 1 else compiled(*args)
+
+    return call
+
+
 class TrainProgress(keras.callbacks.Callback):
     """Keeps `TrainState` in step with `fit`'s epochs; added to every run by the pipeline.
 
     At each epoch's start: the epoch number (which also says where the data iterator,
     opened at the first epoch, starts), batch 0 and fresh gradient statistics, unless
     this is the epoch a resume re-enters (whose position and statistics were restored).
-    One compiled call: eagerly, its dozen variable reads and writes cost ~5-10 ms an epoch.
+    One compiled call from the second epoch on: eagerly, its dozen variable reads and
+    writes cost ~5-10 ms an epoch (the first runs eagerly, rather than trace before the first step).
     """
 
     _begin_epoch = None
@@ -242,7 +258,7 @@ class TrainProgress(keras.callbacks.Callback):
 
             return tf.cond(re_entered, lambda: tf.constant(False), start)
 
-        self._begin_epoch = tf.function(begin_epoch, autograph=False)
+        self._begin_epoch = compiled_after_first_call(begin_epoch)
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._begin_epoch(tf.constant(epoch, tf.int64))
