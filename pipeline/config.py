@@ -196,7 +196,6 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 
 def validate(cfg: DictConfig, meanwhile: Callable[[], None] | None = None) -> None:
     """Check a composed training config; raise `ConfigError` naming the first bad key.
-
     The value checks run in pure Python first; then `meanwhile()` starts what can overlap
     TensorFlow's import, and the `_target_`s are imported. No data is read, no model built.
     """
