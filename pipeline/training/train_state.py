@@ -132,76 +132,46 @@ class TrainState(tf.Module):
 
     def snapshot(self) -> Snapshot:
         """The statistics and first bad step as Python values: one read of `stats`."""
-        return Snapshot(self.stats.numpy(), self.layers)
+        values, bad = self.stats.numpy(), self._bad
+        count = values[NORM_COUNT]
+        return Snapshot(
+            halted=bool(values[HALTED] > 0),
+            last_norm=float(values[LAST]),
+            last_layer_norms=values[LAST + 1:bad],
+            dropped_steps=int(values[DROPPED]),
+            above_threshold_steps=int(values[ABOVE]),
+            grad_norm_max=float(values[NORM_MAX]) if count else math.nan,
+            grad_norm_mean=float(values[NORM_SUM] / count) if count else math.nan,
+            bad_reason=int(values[bad + BAD_REASON]),
+            bad_step=int(values[bad + BAD_STEP]),
+            bad_epoch=int(values[bad + BAD_EPOCH]),
+            bad_batch=int(values[bad + BAD_BATCH]),
+            bad_loss=float(values[bad + BAD_LOSS]),
+            bad_norm=float(values[bad + BAD_NORM]),
+            bad_layer_norms=values[bad + len(NO_BAD_STEP):],
+        )
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One read of `TrainState.stats`."""
+    """One read of `TrainState.stats`: this epoch's statistics, the last counted step's
+    norms, and the first bad step since the last clear (`bad_step` -1: none)."""
 
-    values: np.ndarray
-    layers: int
-
-    def _at(self, index: int) -> float:
-        return float(self.values[index])
-
-    @property
-    def halted(self) -> bool:
-        return self._at(HALTED) > 0
-
-    @property
-    def last_norm(self) -> float:
-        return self._at(LAST)
-
-    @property
-    def last_layer_norms(self) -> np.ndarray:
-        return self.values[LAST + 1:LAST + 1 + self.layers]
-
-    @property
-    def dropped_steps(self) -> int:
-        return int(self._at(DROPPED))
-
-    @property
-    def above_threshold_steps(self) -> int:
-        return int(self._at(ABOVE))
-
-    def _bad(self, field: int) -> float:
-        return self._at(LAST + 1 + self.layers + field)
-
-    @property
-    def bad_step(self) -> int:
-        """The first bad step's global batch number; -1: none since the last clear."""
-        return int(self._bad(BAD_STEP))
-
-    @property
-    def bad_epoch(self) -> int:
-        return int(self._bad(BAD_EPOCH))
-
-    @property
-    def bad_batch(self) -> int:
-        return int(self._bad(BAD_BATCH))
-
-    @property
-    def bad_reason(self) -> int:
-        return int(self._bad(BAD_REASON))
-
-    @property
-    def bad_loss(self) -> float:
-        return self._bad(BAD_LOSS)
-
-    @property
-    def bad_norm(self) -> float:
-        return self._bad(BAD_NORM)
-
-    @property
-    def bad_layer_norms(self) -> np.ndarray:
-        start = LAST + 1 + self.layers + len(NO_BAD_STEP)
-        return self.values[start:start + self.layers]
+    halted: bool
+    last_norm: float
+    last_layer_norms: np.ndarray
+    dropped_steps: int
+    above_threshold_steps: int
+    grad_norm_max: float  # nan: no finite norm this epoch
+    grad_norm_mean: float
+    bad_reason: int  # NON_FINITE or ABOVE_THRESHOLD
+    bad_step: int  # its global batch number
+    bad_epoch: int
+    bad_batch: int
+    bad_loss: float
+    bad_norm: float
+    bad_layer_norms: np.ndarray
 
     def epoch_statistics(self) -> dict[str, float]:
-        count = self._at(NORM_COUNT)
-        return {
-            "grad_norm_max": self._at(NORM_MAX) if count else math.nan,
-            "grad_norm_mean": self._at(NORM_SUM) / count if count else math.nan,
-            "skipped_steps": float(self._at(DROPPED)),
-        }
+        return {"grad_norm_max": self.grad_norm_max, "grad_norm_mean": self.grad_norm_mean,
+                "skipped_steps": float(self.dropped_steps)}
