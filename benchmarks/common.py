@@ -109,20 +109,6 @@ class Throughput:
         return cls(max(rates), statistics.median(rates))
 
 
-def interleaved(pairs: int, candidate: Callable[[], Throughput],
-                baseline: Callable[[], Throughput]) -> list[tuple[float, float]]:
-    """Run baseline, candidate, baseline, candidate, ...; return each pair's
-    candidate/baseline ratio of (best-epoch, median-epoch) throughput."""
-    ratios = []
-    for index in range(pairs):
-        base, cand = baseline(), candidate()
-        ratios.append((cand.best / base.best, cand.median / base.median))
-        print(f"  pair {index + 1}: candidate {cand.best:,.0f}/s (median epoch {cand.median:,.0f}/s), "
-              f"baseline {base.best:,.0f}/s ({base.median:,.0f}/s), ratio {ratios[-1][0]:.3f} "
-              f"(median epochs: {ratios[-1][1]:.3f})", flush=True)
-    return ratios
-
-
 def interleaved_runs(rounds: int, runs: dict[str, Callable[[], Throughput]]) -> list[dict[str, Throughput]]:
     """Run each of `runs` in turn, `rounds` times (A B C A B C ...); each round's throughputs."""
     results = []
@@ -131,6 +117,14 @@ def interleaved_runs(rounds: int, runs: dict[str, Callable[[], Throughput]]) -> 
         print(f"  round {index + 1}: " + ", ".join(f"{name} {t.best:,.0f}/s (median epoch {t.median:,.0f}/s)"
                                                    for name, t in results[-1].items()), flush=True)
     return results
+
+
+def interleaved(pairs: int, candidate: Callable[[], Throughput],
+                baseline: Callable[[], Throughput]) -> list[tuple[float, float]]:
+    """Run baseline, candidate, baseline, candidate, ...; return each pair's
+    candidate/baseline ratio of (best-epoch, median-epoch) throughput."""
+    rounds = interleaved_runs(pairs, {"baseline": baseline, "candidate": candidate})
+    return [(r["candidate"].best / r["baseline"].best, r["candidate"].median / r["baseline"].median) for r in rounds]
 
 
 def machine() -> str:
