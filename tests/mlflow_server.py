@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,18 +54,43 @@ class MlflowServer:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the server's process group (the CLI and its uvicorn worker), then SIGKILL."""
-        if self.process.poll() is not None:
+        stop_process_group(self.process, timeout)
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group `process` leads (started with `start_new_session`), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait_until_answers(url: str, process: subprocess.Popen, timeout: float, log_tail: Callable[[], str]) -> None:
+    """Poll `url` until it answers 200.
+
+    Raises:
+        RuntimeError: `process` exited, or `url` did not answer within `timeout` seconds;
+            the message carries `log_tail()`.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited with code {process.returncode}:\n{log_tail()}")
+        try:
+            if requests.get(url, timeout=2).ok:
                 return
-            try:
-                self.process.wait(timeout=timeout)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"no answer from {url} within {timeout:.0f} s:\n{log_tail()}")
 
 
 def free_port() -> int:
@@ -109,18 +135,12 @@ def start_mlflow_server(root: Path, timeout: float = STARTUP_TIMEOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = MlflowServer(url=f"http://127.0.0.1:{port}", root=root, process=process, log_path=log_path,
                           backend_store_uri=backend_store_uri)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with code {process.returncode}:\n{server.log_tail()}")
-        try:
-            if requests.get(f"{server.url}/health", timeout=2).ok:
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"mlflow server gave no /health answer within {timeout:.0f} s:\n{server.log_tail()}")
+    try:
+        wait_until_answers(f"{server.url}/health", process, timeout, server.log_tail)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 def rest(url: str, method: str, endpoint: str, **payload: Any) -> dict:

@@ -30,20 +30,17 @@ import importlib
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from conftest import REPO, new_mlflow_store, run_module
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
-from mlflow_server import free_port
+from mlflow_server import free_port, stop_process_group, wait_until_answers
 
 README = REPO / "README.md"
 SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console"}
@@ -557,23 +554,11 @@ def ui_answers(args: list[str], directory: Path) -> None:
                                     # no GenAI job runner (an extra huey consumer process) to answer /health
                                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "mlflow ui did not answer /health in 120 s"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        # Its stderr is read once it has exited; reading a running process's pipe would block.
+        wait_until_answers(f"http://127.0.0.1:{port}/health", process, 120,
+                           lambda: process.stderr.read()[-3000:] if process.poll() is not None else "")
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
         process.stderr.close()
 
 
