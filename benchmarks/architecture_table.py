@@ -31,7 +31,8 @@ DATASET = {"multi_io": "synthetic_multimodal"}
 
 def measure(name: str, store: Path) -> dict[str, str]:
     dataset = DATASET.get(name, "digits")
-    overrides = [f"architecture={name}", f"dataset={dataset}", f"mlflow.tracking_uri=sqlite:///{store}"]
+    overrides = [f"architecture={name}", f"dataset={dataset}", f"mlflow.tracking_uri=sqlite:///{store}",
+                 f"callbacks.checkpoint.directory={store.parent / 'checkpoints'}"]
     run_plan = compose([*overrides, "trainer.verbose=0"])
     started = time.perf_counter()
     metrics = train(run_plan)
@@ -52,7 +53,8 @@ def main(names: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # One untimed epoch first, so no row pays for TensorFlow's one-time start-up.
         train(compose(["trainer.epochs=1", "trainer.verbose=0", "mlflow.log_model=false",
-                       f"mlflow.tracking_uri=sqlite:///{Path(tmp) / 'warmup.db'}"]))
+                       f"mlflow.tracking_uri=sqlite:///{Path(tmp) / 'warmup.db'}",
+                       f"callbacks.checkpoint.directory={Path(tmp) / 'checkpoints'}"]))
         for name in names:
             rows[name] = measure(name, Path(tmp) / "mlflow.db")
             print(" | ".join(rows[name].values()), flush=True)

@@ -40,7 +40,10 @@ def throughput(architecture: str, callbacks: str, store: Path, data_dir: str) ->
     train(compose([f"architecture={architecture}", "dataset=synthetic_mnist", f"dataset.data_dir={data_dir}",
                    f"callbacks={callbacks}", f"trainer.epochs={EPOCHS[architecture]}", "trainer.verbose=0",
                    "mlflow.log_model=false", f"mlflow.tracking_uri=sqlite:///{store}",
-                   "+callbacks.zz_timer._target_=benchmarks.common.EpochTimer"]))
+                   "+callbacks.zz_timer._target_=benchmarks.common.EpochTimer",
+                   # not in the working directory: callbacks=none has no checkpoint node to set
+                   *([f"callbacks.checkpoint.directory={store.parent / 'checkpoints'}"] if callbacks == "default"
+                     else [])]))
     return Throughput.of_epochs(TRAIN_EXAMPLES)
 
 
