@@ -17,11 +17,19 @@ Where a GPU is expected (an NVIDIA driver, and CUDA_VISIBLE_DEVICES not "" or "-
 with PIPELINE_SHOW_TF_INIT=1, nothing is filtered: there a CUDA failure is news.
 
 Run as a script, this file is the filter itself: stdin to stdout, standard library only.
+
+One Python-side warning is dropped too, and only from a process's second run on
+(`count_run`): TensorFlow's "5 out of the last 5 calls to <function ...> triggered
+tf.function retracing". Each run builds a new model, so Keras and the pipeline compile
+new functions from the same code, which TensorFlow counts as one function retracing:
+a sweep of seven jobs in one process printed 70 of these paragraphs, about nothing. A
+real retracing problem (a function retraced within one run) shows in the first run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -45,6 +53,8 @@ GLOG_LINE = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.-]+:\d+\] ")
 ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 _tensorflow_loaded = False
+_runs = 0  # runs started in this process (`count_run`)
+RETRACING = "triggered tf.function retracing"
 
 
 def import_tensorflow() -> None:
@@ -63,6 +73,26 @@ def import_tensorflow() -> None:
 
         tf.config.list_physical_devices()
     _tensorflow_loaded = True
+
+
+class _LaterRunsRetracing(logging.Filter):
+    """Drops TensorFlow's retracing warning once this process has started a second run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _runs <= 1 or RETRACING not in record.getMessage()
+
+
+_retracing_filter = _LaterRunsRetracing()
+
+
+def count_run() -> None:
+    """Count a run starting in this process: from the second on, TensorFlow's retracing
+    warning, which every later run would trigger (see the module docstring), is dropped."""
+    global _runs
+    _runs += 1
+    tensorflow_logger = logging.getLogger("tensorflow")  # TensorFlow's Python warnings
+    if _retracing_filter not in tensorflow_logger.filters:
+        tensorflow_logger.addFilter(_retracing_filter)
 
 
 def filtering_wanted() -> bool:

@@ -48,11 +48,12 @@ def train(plan: RunPlan) -> dict[str, float]:
     # TensorFlow is imported once the plan is valid: a config mistake costs a second.
     import keras
 
-    from pipeline import data, record
+    from pipeline import data, quiet, record
     from pipeline.fit_callbacks import FitCallbacks
     from pipeline.training import debug, distribute, precision
 
     cfg = plan.cfg
+    quiet.count_run()  # a later run in this process is not told its new functions are "retracing"
     # Before TensorFlow creates any tensor: logical CPUs and multi-worker collectives
     # can only be set up first.
     strategy = distribute.strategy_for(cfg.get("distribution"))

@@ -91,3 +91,23 @@ def test_a_first_run_on_a_cpu_machine_prints_no_false_alarms(mlflow_store: str, 
         assert noise not in result.stdout, result.stdout
     assert (f"[pipeline.datasets][INFO] - preparing dataset digits (offline, from scikit-learn's bundled data) "
             f"in {tmp_path / 'fresh_tfds' / 'digits' / '1.0.0'}") in result.stdout
+
+
+def test_tensorflow_retracing_warning_is_dropped_from_a_process_second_run_only(monkeypatch, caplog):
+    """A sweep's later jobs each compile new functions from the same code, which
+    TensorFlow reports as retracing; a process's first run still shows the warning."""
+    import logging
+
+    tensorflow_logger = logging.getLogger("tensorflow")
+    retracing = ("5 out of the last 5 calls to <function GuardedModel.make_train_function.<locals>.execution at "
+                 "0x7fa93180e8e0> triggered tf.function retracing. Tracing is expensive ...")
+    monkeypatch.setattr(quiet, "_runs", 0)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        quiet.count_run()
+        tensorflow_logger.warning(retracing)  # first run: a real retracing problem, shown
+        quiet.count_run()
+        tensorflow_logger.warning(retracing)  # second run: dropped
+        tensorflow_logger.warning("Skipping variable loading for optimizer 'adam'")  # any other: kept
+    assert [r.getMessage() for r in caplog.records if r.name == "tensorflow"] == [
+        retracing, "Skipping variable loading for optimizer 'adam'"]
+    assert tensorflow_logger.filters.count(quiet._retracing_filter) == 1  # installed once
