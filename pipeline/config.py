@@ -194,10 +194,10 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     return compose_with_hydra(overrides, config_name)[0]
 
 
-def validate(cfg: DictConfig, meanwhile: Callable[[], None] | None = None) -> None:
+def validate(cfg: DictConfig) -> None:
     """Check a composed training config; raise `ConfigError` naming the first bad key.
-    The value checks run in pure Python first; then `meanwhile()` starts what can overlap
-    TensorFlow's import, and the `_target_`s are imported. No data is read, no model built.
+    The value checks run in pure Python first; then the `_target_`s are imported (and
+    TensorFlow with them). No data is read, no model built.
     """
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -252,8 +252,6 @@ def validate(cfg: DictConfig, meanwhile: Callable[[], None] | None = None) -> No
 
     distribute.validate(cfg.get("distribution"))
 
-    if meanwhile:
-        meanwhile()
     quiet.import_tensorflow()  # the targets' modules import it: without its CUDA probing on a CPU-only machine
     _check_target(cfg, "optimizer")
     builder = _check_target(cfg, "architecture")

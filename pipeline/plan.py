@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import cli, recovery, startup
+from pipeline import cli, recovery
 from pipeline.config import compose_with_hydra, validate
 from pipeline.recovery import Resume
 from pipeline.training import distribute
@@ -121,30 +121,14 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
 
 
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
-    # TensorFlow's import (in `validate`) and MLflow's with its store (~2 s) overlap well:
-    # a recording process opens the store on a thread meanwhile. The job's sweep and
-    # trial are read after, since their modules import MLflow. (`resolve` validates
-    # again: by then in milliseconds.)
-    validate(cfg, meanwhile=lambda: _open_store_meanwhile(cfg))
+    # Validated before the job's sweep and trial are read, since their modules import
+    # MLflow: a config mistake costs a second. (`resolve` validates again: by then in milliseconds.)
+    validate(cfg)
     from pipeline.tracking import optuna_trial, sweep_job
 
     return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=cli.overrides(hydra_node),
                    output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
                    sweep=sweep_job.current_job(), optuna_trial=optuna_trial.current_trial())
-
-
-def _open_store_meanwhile(cfg: DictConfig) -> None:
-    """Once the config's values are valid: the store this process records to, opened on a thread."""
-    if not distribute.role(cfg.get("distribution"))[1]:
-        return  # a non-chief worker records to a throwaway store of its own (`_record_nothing`)
-    tracking_uri = cfg.mlflow.tracking_uri
-
-    def open_store() -> None:
-        from pipeline import tracking
-
-        tracking.open_store(tracking_uri)
-
-    startup.in_background(open_store, "open-mlflow-store")
 
 
 def resolve(

@@ -1,7 +1,6 @@
 """The Hydra callback every training process instantiates (`hydra.callbacks.sweep` in
-`conf/train.yaml`), light to import: a single run needs nothing of it, and MLflow's
-import (1.5-2 s) is what its start-up overlaps with TensorFlow's (`pipeline.startup`).
-A multirun hands every hook to `pipeline.tracking.sweep.SweepRuns`, which does the work:
+`conf/train.yaml`), light to import: a single run needs nothing of it, and imports
+MLflow (about 1 s) once its config is valid, not before. A multirun hands every hook to `pipeline.tracking.sweep.SweepRuns`, which does the work:
 one MLflow parent run per sweep, a nested child per job, a summary at the end.
 """
 

@@ -27,7 +27,6 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import startup
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
 from pipeline.redact import redact, redact_command, redact_config, split_credentials
 
@@ -48,7 +47,7 @@ def tracking_uri(configured: str | None) -> str:
     inherited by sweep workers), so that the URI MLflow keeps, records and prints (e.g.
     "View run ... at: <uri>") holds none.
     """
-    uri = _chosen_uri(configured)
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
     if uri.startswith(("http://", "https://")):
         uri, username, password = split_credentials(uri)
         if username is not None:
@@ -56,10 +55,6 @@ def tracking_uri(configured: str | None) -> str:
             if os.environ.get("MLFLOW_TRACKING_URI"):
                 os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
-
-
-def _chosen_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
 def connect(cfg: DictConfig) -> str:
@@ -71,7 +66,6 @@ def connect(cfg: DictConfig) -> str:
     created (or its schema upgraded) under an inter-process lock: two runs started at
     once on a new directory would otherwise both create the tables, and one would fail.
     """
-    startup.wait()  # the entry point may be opening the store (`plan`, while TensorFlow imports)
     uri = tracking_uri(cfg.tracking_uri)
     if uri.startswith(("http://", "https://")):
         import requests
@@ -93,20 +87,6 @@ def connect(cfg: DictConfig) -> str:
     except Exception as error:  # bad path, unwritable directory, corrupt database, ...
         raise PipelineError(f"mlflow.tracking_uri: cannot open the MLflow store at {redact(uri)}: "
                             f"{redact(one_line(error))}") from None
-
-
-def open_store(configured: str | None) -> None:
-    """Open an existing local store's database (its schema checked) as `connect`'s first
-    query would, with nothing of MLflow's global state set (on a thread, `pipeline.startup`). A new
-    store is left for `connect` to create: a config refused meanwhile leaves no store."""
-    uri = _chosen_uri(configured)
-    if not uri.startswith("sqlite:///"):  # a server's URI may carry credentials: `tracking_uri` handles those
-        return
-    if not os.path.exists(uri.removeprefix("sqlite:///")):
-        from mlflow.store.tracking import sqlalchemy_store  # noqa: F401  (what creating it will need)
-        return
-    with _store_lock(uri):
-        MlflowClient(uri).search_experiments(max_results=1)
 
 
 @contextlib.contextmanager
