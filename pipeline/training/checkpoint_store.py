@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import tensorflow as tf
@@ -96,11 +97,33 @@ def by_path(variables) -> dict:
 
 def read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
     """Restore every variable of `checkpoint` from `path`, or fail naming the mismatch
-    (e.g. a checkpoint another architecture, or an older version of this code, wrote)."""
-    status = checkpoint.read(path)
+    (e.g. a checkpoint another architecture, or an older version of this code, wrote).
+    The checkpoint is left as it is either way."""
     try:
+        status = checkpoint.read(path)
         status.assert_existing_objects_matched()
-    except AssertionError as error:
-        raise PipelineError(f"checkpoint {path} does not hold this model's training state "
-                            f"({one_line(error, 200)})") from None
-    status.expect_partial()  # the rest of the checkpoint (metrics, callbacks) is read later
+    except (AssertionError, ValueError, tf.errors.OpError) as error:  # e.g. a variable's dtype differs
+        reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", one_line(error, 400))
+    else:
+        status.expect_partial()  # the rest of the checkpoint (metrics, callbacks) is read later
+        return
+    # What the failed read left unrestored, TensorFlow lists when those objects are freed
+    # (often at exit), one WARNING per value: the error says what matters, once. (Raised
+    # here, not in `except`, so that the error does not keep the failed read alive.)
+    tensorflow_logger = logging.getLogger("tensorflow")
+    if _UNRESTORED not in tensorflow_logger.filters:
+        tensorflow_logger.addFilter(_UNRESTORED)
+    raise PipelineError(f"checkpoint {path} does not hold this model's training state: another model or another "
+                        f"version of the pipeline wrote it ({reason}). It is left as it was; train a new run, or "
+                        "resume with the version that wrote it")
+
+
+class _UnrestoredValues(logging.Filter):
+    """Drops TensorFlow's warnings about values a checkpoint read did not restore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "deleted with unrestored values" not in message and "could not be found in the restored" not in message
+
+
+_UNRESTORED = _UnrestoredValues()
