@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import requests
 from conftest import compose_plan
 from mlflow.tracking import MlflowClient
-from mlflow_server import free_port
+from mlflow_server import free_port, stop_process_group, wait_until_answers
 
 from pipeline.tracking.registry import promote_if_better
 from pipeline.train import train
@@ -202,28 +201,16 @@ def servers(store: Store):
         yield servers
     finally:
         for server in servers.values():
-            if server.process.poll() is None:
-                os.killpg(server.process.pid, signal.SIGTERM)
-                try:
-                    server.process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(server.process.pid, signal.SIGKILL)
+            stop_process_group(server.process)
 
 
 @pytest.fixture(scope="module")
 def served(servers: dict[str, Served]) -> dict[str, str]:
     """The URL of each champion's server, once it answers `/ping`."""
-    deadline = time.monotonic() + SERVE_TIMEOUT
-    for name, server in servers.items():
-        while True:
-            assert server.process.poll() is None, f"{name}: exited\n{server.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"{name}: no /ping\n{server.log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{server.url}/ping", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+    deadline = time.monotonic() + SERVE_TIMEOUT  # started together: one deadline for both
+    for server in servers.values():
+        wait_until_answers(f"{server.url}/ping", server.process, max(deadline - time.monotonic(), 1.0),
+                           lambda log=server.log: log.read_text()[-3000:])
     return {name: server.url for name, server in servers.items()}
 
 
