@@ -1,7 +1,7 @@
 """The Hydra callback every training process instantiates (`hydra.callbacks.sweep` in
-`conf/train.yaml`), light to import: a single run needs nothing of it, and imports
-MLflow (about 1 s) once its config is valid, not before. A multirun hands every hook
-to `pipeline.tracking.sweep.SweepRuns`, which does the work:
+`conf/train.yaml`), light to import: a single run needs nothing of it, so it imports
+MLflow (about 1 s) only once its config is valid. A multirun hands every hook to
+`pipeline.tracking.sweep.SweepRuns`, which does the work:
 one MLflow parent run per sweep, a nested child per job, a summary at the end.
 """
 
