@@ -113,7 +113,10 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
             if model_id is None:
                 model_id = registry.log_saved_model(model, splits.input_spec,
                                                     input_example=registry.example_inputs(splits.test)).model_id
-            if plan.sweep is None or plan.sweep.register == "all":  # else the sweep registers its best job
+            if callbacks.pruning is not None and callbacks.pruning.pruned_at_epoch is not None:
+                # Stopped early on purpose by the search: no candidate for a registry, even under register=all.
+                log.info("pruned trial: its model is logged to the run, not registered")
+            elif plan.sweep is None or plan.sweep.register == "all":  # else the sweep registers its best job
                 registry.register(client, cfg.mlflow, tracking.registered_model_name(cfg, plan.architecture),
                                   model_id, run_id, metrics)
     except Exception as error:  # the store went away, or the disk filled: keep what training produced

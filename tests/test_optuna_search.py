@@ -126,7 +126,9 @@ def test_a_bad_search_is_one_line_and_opens_no_parent_run(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_hopeless_trials_are_pruned_and_a_rerun_continues_the_study(tfds_dir: str, tmp_path: Path) -> None:
-    result = search(tmp_path, tfds_dir, *PRUNABLE, "hydra.sweeper.n_trials=3")
+    # Every trial's model logged, and every finished one's registered: a pruned one's is not.
+    registering = ("mlflow.log_model=true", "hydra.callbacks.sweep.register=all")
+    result = search(tmp_path, tfds_dir, *PRUNABLE, *registering, "hydra.sweeper.n_trials=3")
     assert result.returncode == 0, result.stderr[-3000:]
 
     study = the_study(tmp_path)
@@ -147,12 +149,15 @@ def test_hopeless_trials_are_pruned_and_a_rerun_continues_the_study(tfds_dir: st
     assert len(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
         by_trial[1].info.run_id, "val_accuracy")) == 1, "pruned after its first epoch"
     assert parent.data.tags["sweep.best_run_id"] == by_trial[0].info.run_id
+    assert [by_trial[n].data.tags.get("registered_model") for n in range(3)] == ["digits-mlp/1", None, None]
+    versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='digits-mlp'")
+    assert [v.run_id for v in versions] == [by_trial[0].info.run_id]
     artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(
         parent.info.run_id)}
     assert {"optuna_optimization_history.png", "optuna_parallel_coordinate.png"} <= artifacts
 
     # The same command again: the study is complete, one line says so, nothing trains.
-    again = search(tmp_path, tfds_dir, *PRUNABLE, "hydra.sweeper.n_trials=3")
+    again = search(tmp_path, tfds_dir, *PRUNABLE, *registering, "hydra.sweeper.n_trials=3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"study {study.study_name} already holds 3 finished trials" in again.stdout
     assert len(the_study(tmp_path).trials) == 3
