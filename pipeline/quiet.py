@@ -18,12 +18,16 @@ with PIPELINE_SHOW_TF_INIT=1, nothing is filtered: there a CUDA failure is news.
 
 Run as a script, this file is the filter itself: stdin to stdout, standard library only.
 
-One Python-side warning is dropped too, and only from a process's second run on
-(`count_run`): TensorFlow's "5 out of the last 5 calls to <function ...> triggered
-tf.function retracing". Each run builds a new model, so Keras and the pipeline compile
-new functions from the same code, which TensorFlow counts as one function retracing:
-a sweep of seven jobs in one process printed 70 of these paragraphs, about nothing. A
-real retracing problem (a function retraced within one run) shows in the first run.
+TensorFlow's Python warnings that say nothing in the situation at hand are dropped from
+then on with `drop_tensorflow_warnings`:
+- from a process's second run on (`count_run`), "5 out of the last 5 calls to
+  <function ...> triggered tf.function retracing". Each run builds a new model, so Keras
+  and the pipeline compile new functions from the same code, which TensorFlow counts as
+  one function retracing: a sweep of seven jobs in one process printed 70 of these
+  paragraphs, about nothing. A real retracing problem (a function retraced within one
+  run) shows in the first run;
+- after a checkpoint read that failed with a clear error
+  (`pipeline.training.checkpoint_store.read_all`), one warning per value it left unrestored.
 """
 
 from __future__ import annotations
@@ -75,14 +79,27 @@ def import_tensorflow() -> None:
     _tensorflow_loaded = True
 
 
-class _LaterRunsRetracing(logging.Filter):
-    """Drops TensorFlow's retracing warning once this process has started a second run."""
+class _DroppedTensorFlowWarnings(logging.Filter):
+    """Drops TensorFlow's Python log records that contain any of `fragments`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fragments: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _runs <= 1 or RETRACING not in record.getMessage()
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
 
 
-_retracing_filter = _LaterRunsRetracing()
+_dropped = _DroppedTensorFlowWarnings()
+
+
+def drop_tensorflow_warnings(*fragments: str) -> None:
+    """From now on in this process, drop TensorFlow's Python warnings containing any of `fragments`."""
+    _dropped.fragments.update(fragments)
+    tensorflow_logger = logging.getLogger("tensorflow")  # TensorFlow's Python warnings
+    if _dropped not in tensorflow_logger.filters:
+        tensorflow_logger.addFilter(_dropped)
 
 
 def count_run() -> None:
@@ -90,9 +107,8 @@ def count_run() -> None:
     warning, which every later run would trigger (see the module docstring), is dropped."""
     global _runs
     _runs += 1
-    tensorflow_logger = logging.getLogger("tensorflow")  # TensorFlow's Python warnings
-    if _retracing_filter not in tensorflow_logger.filters:
-        tensorflow_logger.addFilter(_retracing_filter)
+    if _runs > 1:
+        drop_tensorflow_warnings(RETRACING)
 
 
 def filtering_wanted() -> bool:

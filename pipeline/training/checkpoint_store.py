@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from pipeline import quiet
 from pipeline.errors import PipelineError, one_line
 
 log = logging.getLogger(__name__)
@@ -110,20 +111,7 @@ def read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
     # What the failed read left unrestored, TensorFlow lists when those objects are freed
     # (often at exit), one WARNING per value: the error says what matters, once. (Raised
     # here, not in `except`, so that the error does not keep the failed read alive.)
-    tensorflow_logger = logging.getLogger("tensorflow")
-    if _UNRESTORED not in tensorflow_logger.filters:
-        tensorflow_logger.addFilter(_UNRESTORED)
+    quiet.drop_tensorflow_warnings("deleted with unrestored values", "could not be found in the restored")
     raise PipelineError(f"checkpoint {path} does not hold this model's training state: another model or another "
                         f"version of the pipeline wrote it ({reason}). It is left as it was; train a new run, or "
                         "resume with the version that wrote it")
-
-
-class _UnrestoredValues(logging.Filter):
-    """Drops TensorFlow's warnings about values a checkpoint read did not restore."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "deleted with unrestored values" not in message and "could not be found in the restored" not in message
-
-
-_UNRESTORED = _UnrestoredValues()
