@@ -28,6 +28,10 @@ from pipeline.errors import DatasetError, one_line
 # The graph-level seed of the per-epoch shuffle (its operation seed is (seed, epoch)).
 SHUFFLE_GRAPH_SEED = 20261126
 
+# For the functions this module hands to tf.data: none branches or loops on a tensor,
+# so AutoGraph would only rewrite their source, which costs ~0.2 s at every start.
+graph_as_written = tf.autograph.experimental.do_not_convert
+
 
 @dataclass
 class Splits:
@@ -141,6 +145,7 @@ def load(cfg: DictConfig, seed: int) -> Splits:
     else:
         epoch_batches = _streaming_epochs(raw["train"], cfg.batch_size, seed, cfg.shuffle_buffer)
 
+    @graph_as_written
     def one_epoch(epoch_number: tf.Tensor) -> tf.data.Dataset:
         ds = epoch_batches(epoch_number)
         if inject_at is not None:
@@ -178,7 +183,7 @@ def consecutive_epochs(epoch_batches: Callable[[tf.Tensor], tf.data.Dataset], ep
     not from the variable, so reading ahead cannot race the callbacks that advance it.
     """
     return (tf.data.Dataset.from_tensors(0)
-            .flat_map(lambda _: tf.data.Dataset.counter(epoch.read_value()))
+            .flat_map(graph_as_written(lambda _: tf.data.Dataset.counter(epoch.read_value())))
             .flat_map(epoch_batches)
             .apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
             .prefetch(tf.data.AUTOTUNE))
@@ -193,10 +198,12 @@ def _in_memory_epochs(examples: tf.data.Dataset, size: int, batch_size: int,
     steps = math.ceil(size / batch_size)
 
     def epoch_batches(epoch_number: tf.Tensor) -> tf.data.Dataset:
+        @graph_as_written
         def batches(inputs, labels) -> tf.data.Dataset:
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(size, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch_number]))
 
+            @graph_as_written
             def gather(step):
                 index = order[step * batch_size:tf.minimum((step + 1) * batch_size, size)]
                 return tf.nest.map_structure(lambda t: tf.gather(t, index), (inputs, labels))
@@ -213,6 +220,7 @@ def _streaming_epochs(examples: tf.data.Dataset, batch_size: int, seed: int,
     """Epochs of a split read from disk every epoch (`dataset.cache=false`), shuffled
     through a `shuffle_buffer`-example window seeded by (seed, epoch)."""
 
+    @graph_as_written
     def epoch_batches(epoch_number: tf.Tensor) -> tf.data.Dataset:
         # A fresh, seeded order per epoch: (seed, epoch) decides it, not how many
         # iterators this process opened before. Always traced as a dataset function, whose
@@ -230,12 +238,14 @@ def zeros_batch(ds: tf.data.Dataset) -> tuple:
     return tf.nest.map_structure(lambda spec: tf.zeros([1, *spec.shape[1:]], spec.dtype), ds.element_spec)
 
 
+@graph_as_written
 def _as_float32(inputs, labels):
     if isinstance(inputs, dict):
         return {key: tf.cast(value, tf.float32) for key, value in inputs.items()}, labels
     return tf.cast(inputs, tf.float32), labels
 
 
+@graph_as_written
 def _inject_nan(index, batch, *, at: int, first: tf.Tensor):
     """Debug (`dataset.inject_nan_at_step`): one NaN in the first example of global batch `at`."""
     inputs, labels = batch
