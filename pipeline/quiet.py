@@ -102,13 +102,18 @@ def drop_tensorflow_warnings(*fragments: str) -> None:
         tensorflow_logger.addFilter(_dropped)
 
 
-def count_run() -> None:
+def count_run() -> int:
     """Count a run starting in this process: from the second on, TensorFlow's retracing
-    warning, which every later run would trigger (see the module docstring), is dropped."""
+    warning, which every later run would trigger (see the module docstring), is dropped.
+
+    Returns:
+        the runs this process has started, this one included.
+    """
     global _runs
     _runs += 1
     if _runs > 1:
         drop_tensorflow_warnings(RETRACING)
+    return _runs
 
 
 def filtering_wanted() -> bool:

@@ -53,7 +53,7 @@ def train(plan: RunPlan) -> dict[str, float]:
     from pipeline.training import debug, distribute, precision
 
     cfg = plan.cfg
-    quiet.count_run()  # a later run in this process is not told its new functions are "retracing"
+    runs = quiet.count_run()  # a later run in this process is not told its new functions are "retracing"
     # Before TensorFlow creates any tensor: logical CPUs and multi-worker collectives
     # can only be set up first.
     strategy = distribute.strategy_for(cfg.get("distribution"))
@@ -62,7 +62,7 @@ def train(plan: RunPlan) -> dict[str, float]:
 
         tf.config.experimental.enable_op_determinism()  # for the whole process: TensorFlow has no off switch
     callbacks = FitCallbacks.from_plan(plan)
-    keras.backend.clear_session(free_memory=True)  # a sweep runs several jobs in one process
+    keras.backend.clear_session(free_memory=runs > 1)  # fresh layer names; frees a sweep's earlier jobs
     with precision.applied(cfg.precision.policy) as policy, strategy.scope():  # build and compile in scope
         log.info("precision: %s (precision.policy=%s: %s)", policy.policy, cfg.precision.policy, policy.reason)
         keras.utils.set_random_seed(cfg.seed)
