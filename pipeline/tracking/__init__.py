@@ -28,7 +28,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
-from pipeline.redact import redact, redact_command, redact_config, split_credentials
+from pipeline.redact import redact, redact_command, redact_config
+from pipeline.store_uri import require_server, tracking_uri  # noqa: F401  (tracking.tracking_uri, for callers)
 
 if TYPE_CHECKING:
     import keras
@@ -39,47 +40,17 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000
 
 
-def tracking_uri(configured: str | None) -> str:
-    """The configured URI, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`.
-
-    A tracking server's credentials (`http://user:password@host`) move out of the URI
-    into MLflow's `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD` (HTTP basic auth,
-    inherited by sweep workers), so that the URI MLflow keeps, records and prints (e.g.
-    "View run ... at: <uri>") holds none.
-    """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
-    if uri.startswith(("http://", "https://")):
-        uri, username, password = split_credentials(uri)
-        if username is not None:
-            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = username, password
-            if os.environ.get("MLFLOW_TRACKING_URI"):
-                os.environ["MLFLOW_TRACKING_URI"] = uri
-    return uri
-
-
 def connect(cfg: DictConfig) -> str:
     """Point MLflow at the configured store (`cfg` is the `mlflow` group) and return the
     experiment id, creating the experiment if needed.
 
-    Called before any training, so an unreachable server costs seconds, not a trained
-    model: MLflow's own HTTP retries would take minutes to give up. A sqlite store is
-    created (or its schema upgraded) under an inter-process lock: two runs started at
-    once on a new directory would otherwise both create the tables, and one would fail.
+    A tracking server that does not answer fails in seconds (`store_uri.require_server`,
+    which `train` also calls before any training). A sqlite store is created (or its
+    schema upgraded) under an inter-process lock: two runs started at once on a new
+    directory would otherwise both create the tables, and one would fail.
     """
     uri = tracking_uri(cfg.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            username = os.environ.get("MLFLOW_TRACKING_USERNAME")
-            auth = (username, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if username else None
-            requests.get(f"{uri.rstrip('/')}/health", timeout=10, auth=auth).raise_for_status()
-        except requests.RequestException as error:
-            raise PipelineError(
-                f"mlflow.tracking_uri: cannot reach the tracking server at {redact(uri)} "
-                f"({type(error).__name__}). Start it, or unset MLFLOW_TRACKING_URI to use "
-                "the local sqlite store"
-            ) from None
+    require_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
         with _store_lock(uri):
