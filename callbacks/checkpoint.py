@@ -74,6 +74,10 @@ class Checkpointing(keras.callbacks.Callback):
         # Called by the writer before each write, e.g. the epoch logger's `flush`: a
         # checkpoint past an epoch whose metrics never reached the store would lose them.
         self.before_write: Callable[[], None] | None = None
+        # The id of the run these checkpoints belong to (the pipeline's, opened if it is
+        # still opening: before any save of trained steps, and to name the run a stop by
+        # signal can resume); None: MLflow's active run, if any.
+        self.open_run: Callable[[], str] | None = None
 
     # -- set up by the pipeline, before fit ----------------------------------------
     def open(self, directory: Path, model, callbacks: list[keras.callbacks.Callback],
@@ -207,6 +211,8 @@ class Checkpointing(keras.callbacks.Callback):
         done = int(self.model.build_train_state().global_batch.numpy())
         if done == self._last_saved:
             return None
+        if done > 0 and self.open_run is not None:
+            self.open_run()  # trained steps are never on disk before the run that resumes them is in the store
         self.wait()  # one write at a time: the shadows are about to change
         for callback in self.stateful_callbacks:
             if callable(getattr(callback, "before_save", None)):
@@ -271,16 +277,22 @@ class Checkpointing(keras.callbacks.Callback):
     def _stop_if_signalled(self) -> None:
         if self._requested_signal is None:
             return
-        import mlflow
-
         self.save()
         self.wait()
         path = self._manager.latest_checkpoint
         state = self.model.build_train_state()
-        run = mlflow.active_run()
-        resume = f"; continue with: python -m pipeline.train resume={run.info.run_id}" if run else ""
+        run_id = self._run_id()
+        resume = f"; continue with: python -m pipeline.train resume={run_id}" if run_id else ""
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(self._requested_signal).name} at step {int(state.global_batch.numpy())} "
             f"(epoch {int(state.epoch.numpy())}); checkpoint {path}{resume}",
             self._requested_signal,
         )
+
+    def _run_id(self) -> str | None:
+        if self.open_run is not None:
+            return self.open_run()
+        import mlflow
+
+        run = mlflow.active_run()
+        return run.info.run_id if run is not None else None

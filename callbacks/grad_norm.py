@@ -90,10 +90,12 @@ class GradNormGuard(keras.callbacks.Callback):
         # Multiplies the learning rate; the optimizer is built with it (pipeline.training.optim).
         self.lr_scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
         self.rollback_count = tf.Variable(0, trainable=False, dtype=tf.int64, name="rollbacks")
-        # Wired by the pipeline: rebuilds a training batch for the diagnosis, and
-        # restores the last checkpoint for a rollback.
+        # Wired by the pipeline: rebuilds a training batch for the diagnosis, restores
+        # the last checkpoint for a rollback, and opens its MLflow run if it is still
+        # opening (`pipeline.pending_run`) before an event or values are logged.
         self.batch_at: Callable[[int, int], tuple] | None = None
         self.restore_last_checkpoint: Callable[[], int] | None = None
+        self.open_run: Callable[[], str] | None = None
         self.events: list[dict] = []
         self._rollback_steps: list[int] = []
         self._pending: list[tuple[str, float, int]] = []
@@ -219,6 +221,8 @@ class GradNormGuard(keras.callbacks.Callback):
                             **details})
         import mlflow
 
+        if self.open_run is not None:
+            self.open_run()
         if mlflow.active_run() is not None:
             try:
                 mlflow.log_text("\n".join(json.dumps(e) for e in self.events) + "\n", "events.jsonl")
@@ -232,6 +236,8 @@ class GradNormGuard(keras.callbacks.Callback):
         import mlflow
         from mlflow.entities import Metric
 
+        if self.open_run is not None:
+            self.open_run()
         run = mlflow.active_run()
         if run is not None:
             now = int(time.time() * 1000)

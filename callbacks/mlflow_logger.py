@@ -17,14 +17,17 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 from architectures.common import nested_layers
 from pipeline.errors import one_line
 from pipeline.training.optim import current_learning_rate
+
+if TYPE_CHECKING:  # MLflow is imported on first use: a run imports it on a thread while it starts
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +51,51 @@ class MLflowEpochLogger(keras.callbacks.Callback):
     not logged twice, so every epoch appears exactly once.
 
     Args:
-        run_id: the run to log into.
+        run_id: the run to log into; None: the one `use_run` names before the first
+            epoch ends (the pipeline's run, which opens while the first steps train).
         client: the `MlflowClient` to log with; by default one for the current
             tracking URI.
-        offline_file: where epochs go while the store does not answer.
+        offline_file: where epochs go while the store does not answer; by default
+            `offline-metrics-RUN_ID.jsonl`.
     """
 
-    def __init__(self, run_id: str, client: MlflowClient | None = None,
+    def __init__(self, run_id: str | None = None, client: MlflowClient | None = None,
                  offline_file: Path | None = None) -> None:
         super().__init__()
         self.run_id = run_id
-        self.client = client or MlflowClient()
-        self.offline_file = offline_file or Path(f"offline-metrics-{run_id}.jsonl")
+        self._client = client
+        self.offline_file = offline_file or (Path(f"offline-metrics-{run_id}.jsonl") if run_id else None)
         self.unlogged: list[Metric] = []  # epochs the store has not got yet
         self.first_failure: str | None = None
         self._logged: set[tuple[str, int]] = set()
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-logger")
         self._pending: Future | None = None
 
-    def on_train_begin(self, logs=None) -> None:
-        run = self.client.get_run(self.run_id)
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient()
+        return self._client
+
+    def use_run(self, run_id: str) -> None:
+        """Log into run `run_id` from now on, except the epochs it already holds."""
+        self.run_id = run_id
+        self.offline_file = self.offline_file or Path(f"offline-metrics-{run_id}.jsonl")
+        run = self.client.get_run(run_id)
         self._logged = {(key, metric.step) for key in run.data.metrics
-                        for metric in self.client.get_metric_history(self.run_id, key)}
+                        for metric in self.client.get_metric_history(run_id, key)}
+
+    def on_train_begin(self, logs=None) -> None:
+        if self.run_id is not None:
+            self.use_run(self.run_id)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from mlflow.entities import Metric
+
+        if self.run_id is None:
+            raise RuntimeError("MLflowEpochLogger has no run to log into: pass run_id=, or call use_run first")
         timestamp = int(time.time() * 1000)
         values = {metric_key(name): float(value) for name, value in (logs or {}).items()}
         # The rate the next step will use: the schedule evaluated at the current step.

@@ -37,6 +37,10 @@ class OptunaPruning(keras.callbacks.Callback):
         self.pruned_at_epoch: int | None = None
         self._trial = None
 
+    def use_run(self, run_id: str) -> None:
+        """Tag run `run_id` when the trial is pruned (the pipeline's run, once it is open)."""
+        self.run_id = run_id
+
     def on_train_begin(self, logs=None) -> None:
         import optuna
 

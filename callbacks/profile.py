@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import mlflow
 import tensorflow as tf
 
 from pipeline.errors import one_line
@@ -122,6 +121,8 @@ class ProfileSteps(keras.callbacks.Callback):
         except Exception as error:  # the trace is still worth logging
             log.warning("debug=profile: could not rank the trace's ops (%s)", one_line(error))
         try:
+            import mlflow
+
             mlflow.log_artifacts(str(self.directory), "profile")
             mlflow.set_tag("profile_dir", str(self.directory))  # the closing block's tensorboard command
             log.info("debug=profile: trace of steps %d-%d logged to the run as artifact profile/ (kept in %s)",

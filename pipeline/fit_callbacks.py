@@ -3,14 +3,15 @@ from the run, and the order Keras calls them in.
 
     callbacks = FitCallbacks.from_plan(plan)             # before TensorFlow builds anything
     initial_epoch = callbacks.restore(plan, guarded, splits.steps_per_epoch)   # resume only
-    ... open the MLflow run ...
-    with callbacks.running(strategy):
-        guarded.fit(..., callbacks=callbacks.attach(plan, run_id, guarded, splits))
+    with pending_run.opening(...) as run:                 # the MLflow run, opened as `fit` starts
+        with callbacks.running(strategy, run):
+            guarded.fit(..., callbacks=callbacks.attach(plan, run, guarded, splits))
 
-The guard (`callbacks.grad_norm`) acts on a bad step before anything else sees the
-epoch; the epoch logger follows the configured callbacks; an Optuna trial's pruning
-reports the logged epoch next (and may stop `fit`); the checkpoint comes last, once
-the epoch is logged and early stopping updated.
+The run's opener comes first: at the latest before anything of an epoch is logged,
+the run is open. The guard (`callbacks.grad_norm`) acts on a bad step before anything
+else sees the epoch; the epoch logger follows the configured callbacks; an Optuna
+trial's pruning reports the logged epoch next (and may stop `fit`); the checkpoint
+comes last, once the epoch is logged and early stopping updated.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import keras
@@ -27,13 +29,15 @@ from omegaconf import DictConfig
 from callbacks.checkpoint import Checkpointing
 from callbacks.grad_norm import GradNormGuard
 from callbacks.mlflow_logger import MLflowEpochLogger
-from callbacks.optuna_pruning import OptunaPruning
 from callbacks.profile import ProfileSteps
 from pipeline.errors import ConfigError
+from pipeline.pending_run import PendingRun, RunOpener
 from pipeline.plan import RunPlan
-from pipeline.tracking.optuna_trial import monitored_metric
 from pipeline.training import distribute
 from pipeline.training.guarded import GuardedModel, TrainProgress
+
+if TYPE_CHECKING:
+    from callbacks.optuna_pruning import OptunaPruning
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
@@ -77,8 +81,13 @@ class FitCallbacks:
         if guard is not None and guard.action == "rollback" and checkpointing is None:
             raise ConfigError("callbacks.grad_norm.action=rollback needs checkpoints to roll back to: "
                               "keep callbacks.checkpoint. Received: callbacks.checkpoint=null")
-        monitor = monitored_metric(str(plan.cfg.optimized_metric))
-        pruning = OptunaPruning(plan.optuna_trial, monitor) if plan.optuna_trial and monitor else None
+        pruning = None
+        if plan.optuna_trial is not None:  # a trial of hparams_search=optuna (these modules import MLflow)
+            from callbacks.optuna_pruning import OptunaPruning
+            from pipeline.tracking.optuna_trial import monitored_metric
+
+            monitor = monitored_metric(str(plan.cfg.optimized_metric))
+            pruning = OptunaPruning(plan.optuna_trial, monitor) if monitor else None
         return cls(configured, guard, checkpointing, pruning)
 
     def restore(self, plan: RunPlan, guarded: GuardedModel, steps_per_epoch: int) -> int:
@@ -98,33 +107,38 @@ class FitCallbacks:
         guarded.train_state.re_enter_epoch()
         return epoch
 
-    def attach(self, plan: RunPlan, run_id: str, guarded: GuardedModel, splits) -> list[keras.callbacks.Callback]:
-        """Wire the callbacks to the open run `run_id`; return them in the order `fit` calls them."""
+    def attach(self, plan: RunPlan, run: PendingRun, guarded: GuardedModel, splits) -> list[keras.callbacks.Callback]:
+        """Wire the callbacks to `run`, which may still be opening; return them in the order
+        `fit` calls them."""
         if self.checkpointing is not None and plan.resume is None:
-            self._open_checkpoints(plan, plan.checkpoint_dir(run_id), guarded)
+            self._open_checkpoints(plan, plan.checkpoint_dir(run.open), guarded)
         for profile in (c for c in self.configured if isinstance(c, ProfileSteps) and c.directory is None):
-            profile.directory = plan.output_dir / "profile" / run_id  # debug=profile: the trace, before it is logged
+            profile.directory = plan.output_dir / "profile" / run.open()  # debug=profile: the trace before it is logged
         if self.guard is not None:
             self.guard.batch_at = splits.train_batch  # the diagnosis re-runs the offending batch
             self.guard.restore_last_checkpoint = self.checkpointing.restore_for_rollback if self.checkpointing else None
-        self.epoch_logger = MLflowEpochLogger(run_id, offline_file=plan.output_dir / "offline-metrics.jsonl")
+            self.guard.open_run = run.open  # a bad step in the first steps is logged to the run, too
+        self.epoch_logger = MLflowEpochLogger(offline_file=plan.output_dir / "offline-metrics.jsonl")
+        run.when_open(self.epoch_logger.use_run)
         if self.checkpointing is not None:  # no checkpoint on disk ahead of the epochs it covers
             self.checkpointing.before_write = self.epoch_logger.flush
-        ordered = [TrainProgress(), *(c for c in self.configured if c is not self.checkpointing), self.epoch_logger]
+            self.checkpointing.open_run = run.open  # a stop by signal names the run to resume
+        ordered = [RunOpener(run), TrainProgress(), *(c for c in self.configured if c is not self.checkpointing),
+                   self.epoch_logger]
         if self.pruning is not None:
-            self.pruning.run_id = run_id
+            run.when_open(self.pruning.use_run)
             ordered.append(self.pruning)
         return ordered + ([self.checkpointing] if self.checkpointing is not None else [])
 
     @contextlib.contextmanager
-    def running(self, strategy) -> Iterator[None]:
+    def running(self, strategy, run: PendingRun) -> Iterator[None]:
         """Around `fit`: a lost multi-worker peer becomes one line saying how to resume;
         whatever happens, the last epochs reach the store (or the offline file) and the
         checkpoint writer finishes."""
         try:
             yield
         except Exception as error:
-            explained = distribute.explained(error, strategy)
+            explained = distribute.explained(error, strategy, run.open)
             if explained is error:
                 raise
             raise explained from error

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,10 +82,12 @@ class RunPlan:
         """The option chosen in `group`, else the `_target_` it selected (for messages)."""
         return self.choices.get(group) or str(self.cfg[group]._target_)
 
-    def checkpoint_dir(self, run_id: str) -> Path:
+    def checkpoint_dir(self, run_id: Callable[[], str]) -> Path:
         """Where this run's checkpoints go: the resumed run's, `callbacks.checkpoint.directory`,
         else `checkpoints/` in the job's output directory, else (no Hydra job, e.g. a
-        notebook) `./checkpoints/<run id>`, so that runs in one directory stay apart."""
+        notebook) `./checkpoints/<run id>`, so that runs in one directory stay apart.
+        `run_id` gives the run's id; it is called only in that last case (it may have to
+        wait for the run to open)."""
         if self.resume is not None:
             return self.resume.checkpoint_dir
         configured = (self.cfg.callbacks.get("checkpoint") or {}).get("directory")
@@ -93,7 +95,7 @@ class RunPlan:
             return Path(configured).absolute()
         if self.log_file is not None:
             return self.output_dir / "checkpoints"
-        return self.output_dir / "checkpoints" / run_id
+        return self.output_dir / "checkpoints" / run_id()
 
     def scratch_checkpoint_dir(self, directory: Path) -> Path | None:
         """None on the chief (it writes to `directory`); on another worker, a temporary
@@ -121,14 +123,20 @@ def compose(overrides: Sequence[str] = (), *, output_dir: Path | None = None) ->
 
 
 def _from_hydra_node(cfg: DictConfig, hydra_node: DictConfig) -> RunPlan:
-    # Validated before the job's sweep and trial are read, since their modules import
-    # MLflow: a config mistake costs a second. (`resolve` validates again: by then in milliseconds.)
-    validate(cfg)
-    from pipeline.tracking import optuna_trial, sweep_job
+    from hydra.types import RunMode
 
+    sweep, trial = None, None
+    if hydra_node.mode == RunMode.MULTIRUN:  # only a sweep's job has a place in a sweep, or a trial
+        # Validated first, since these modules import MLflow: a config mistake costs a second.
+        # (`resolve` validates again: by then in milliseconds.) A single run imports MLflow
+        # on a thread while it trains its first steps (`pipeline.pending_run`).
+        validate(cfg)
+        from pipeline.tracking import optuna_trial, sweep_job
+
+        sweep, trial = sweep_job.current_job(), optuna_trial.current_trial()
     return resolve(cfg, choices=dict(hydra_node.runtime.choices), overrides=cli.overrides(hydra_node),
                    output_dir=cli.job_output_dir(hydra_node), log_file=cli.job_log_file(hydra_node),
-                   sweep=sweep_job.current_job(), optuna_trial=optuna_trial.current_trial())
+                   sweep=sweep, optuna_trial=trial)
 
 
 def resolve(

@@ -1,16 +1,16 @@
-"""What a training run records in MLflow around its `fit`: how the run is opened and
-named, what it logs before training, and the result after it (final scores, plots, the
-`.keras` file, the SavedModel and its registration), with a fallback that keeps the
-trained model on disk when the store goes away.
+"""What a training run records in MLflow after its `fit` (its opening and first records
+are `pipeline.pending_run`'s): the final scores, plots, the `.keras` file, the
+SavedModel and its registration, with a fallback that keeps the trained model on disk
+when the store goes away.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import mlflow
@@ -18,54 +18,15 @@ import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_logger import metric_key
-from pipeline import summary, tracking
+from pipeline import tracking
 from pipeline.errors import PipelineError, one_line
-from pipeline.fit_callbacks import FitCallbacks
 from pipeline.plan import RunPlan
-from pipeline.tracking import provenance, registry, report
-from pipeline.training import debug, precision
+from pipeline.tracking import registry, report
+
+if TYPE_CHECKING:
+    from pipeline.fit_callbacks import FitCallbacks
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def opened_run(plan: RunPlan, policy: str) -> Iterator[mlflow.ActiveRun]:
-    """Open the plan's run (a new one, the resumed one, or a sweep's child), and close it
-    with its outcome (`tracking.start_run`). `policy` is the resolved dtype policy."""
-    experiment_id = tracking.connect(plan.cfg.mlflow)
-    names = tracking.RunNames.from_config(plan.cfg, plan.choices, policy)
-    run_name, tags = names.run, names.tags | provenance.provenance_tags(list(plan.overrides))
-    if plan.sweep is not None:  # a job of a Hydra sweep: named by its swept overrides
-        run_name, tags = plan.sweep.run_name, tags | dict(plan.sweep.tags)
-    with tracking.start_run(experiment_id, run_name, tags, log_file=plan.log_file,
-                            run_id=plan.resume.run_id if plan.resume else None,
-                            parent_run_id=plan.sweep.parent_run_id if plan.sweep else None,
-                            log_system_metrics=provenance.enable_system_metrics()) as run:
-        print(summary.started_line(run), flush=True)  # to find it in the UI while it trains
-        yield run
-    summary.print_closing_block(run.info.run_id, brief=plan.sweep is not None)  # once closed: its final status
-
-
-def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: precision.Resolved,
-                checkpoints: bool) -> None:
-    """What the run records before training: the config, data, precision (the policy
-    chosen and why) and model of a new run; that it was resumed, and with how many
-    epochs, for a resumed one."""
-    cfg = plan.cfg
-    mlflow.set_tags(debug.tags(cfg))  # a debug run says so: it never passes for a real one
-    if plan.reproduces is not None:
-        mlflow.set_tag("reproduces", plan.reproduces)
-    if plan.resume is not None:
-        mlflow.set_tag("resumed_with_epochs", str(cfg.trainer.epochs))
-        return
-    tracking.log_config(cfg, list(plan.overrides))
-    mlflow.log_params({"precision.resolved_policy": policy.policy, "precision.reason": policy.reason})
-    tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
-    provenance.log_dataset_input(cfg.dataset.name, str(splits.info.version), splits.sizes,
-                                 data_dir=splits.info.data_dir)
-    tracking.log_model_summary(model)
-    if checkpoints:
-        mlflow.set_tag("checkpoint_dir", str(plan.checkpoint_dir(run_id)))
 
 
 def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, splits,

@@ -7,7 +7,8 @@
 Config groups live in `conf/` (dataset, architecture, optimizer, precision, trainer,
 callbacks, mlflow). The Hydra wrapper at the bottom resolves the run's plan
 (`pipeline.plan`), reports errors, and hands the optimized metric to sweepers;
-`train(plan)` reads top to bottom: data, model, fit, record.
+`train(plan)` reads top to bottom: data, model, fit (MLflow's store opens on a thread
+meanwhile: `pipeline.pending_run`), record.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def train(plan: RunPlan) -> dict[str, float]:
     # TensorFlow is imported once the plan is valid: a config mistake costs a second.
     import keras
 
-    from pipeline import data, quiet, record
+    from pipeline import data, pending_run, quiet
     from pipeline.fit_callbacks import FitCallbacks
     from pipeline.training import debug, distribute, precision
 
@@ -76,10 +77,8 @@ def train(plan: RunPlan) -> dict[str, float]:
         guarded = compile_guarded(plan, model, splits, callbacks.guard, strategy)
         initial_epoch = callbacks.restore(plan, guarded, splits.steps_per_epoch)
 
-        with record.opened_run(plan, policy.policy) as run:
-            run_id = run.info.run_id
-            record.run_started(plan, run_id, model, splits, policy, checkpoints=callbacks.checkpointing is not None)
-            with callbacks.running(strategy):
+        with pending_run.opening(plan, policy, model, splits, checkpoints=callbacks.checkpointing is not None) as run:
+            with callbacks.running(strategy, run):
                 history = guarded.fit(
                     splits.train,  # every epoch, from one iterator: `steps_per_epoch` says where each ends
                     steps_per_epoch=splits.steps_per_epoch,
@@ -87,10 +86,12 @@ def train(plan: RunPlan) -> dict[str, float]:
                     epochs=cfg.trainer.epochs,
                     initial_epoch=initial_epoch,
                     shuffle=False,  # the tf.data pipeline shuffles, with the run's seed and the epoch
-                    callbacks=callbacks.attach(plan, run_id, guarded, splits),
+                    callbacks=callbacks.attach(plan, run, guarded, splits),
                     verbose=cfg.trainer.verbose,
                 )
-            return record.result(plan, run_id, guarded, history, initial_epoch, splits, callbacks)
+            from pipeline import record  # imported by now, on the thread that opened MLflow's store
+
+            return record.result(plan, run.open(), guarded, history, initial_epoch, splits, callbacks)
 
 
 def compile_guarded(plan: RunPlan, model: keras.Model, splits, guard, strategy) -> GuardedModel:

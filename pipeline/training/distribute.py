@@ -27,6 +27,8 @@ from pipeline.errors import ConfigError, PipelineError, one_line
 from pipeline.training import multi_worker
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import keras
     import tensorflow as tf
 
@@ -157,30 +159,36 @@ def _mirrored_devices(logical_cpus: int | None) -> list[str] | None:
     return [f"/cpu:{i}" for i in range(logical_cpus)]
 
 
-def explained(error: BaseException, strategy: tf.distribute.Strategy) -> BaseException:
+def explained(error: BaseException, strategy: tf.distribute.Strategy,
+              run_id: Callable[[], str] | None = None) -> BaseException:
     """`error`, or, if it is a multi-worker peer failure (a worker died, is unreachable or
     did not answer within `distribution.timeout_seconds`), a one-line `PipelineError`
-    saying so and how to resume. Use as `raise distribute.explained(error, strategy)`."""
+    saying so and how to resume. Use as `raise distribute.explained(error, strategy)`.
+    `run_id` gives the chief's run id (by default, MLflow's active run)."""
     import tensorflow as tf
 
     peer_errors = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
                    tf.errors.DeadlineExceededError, tf.errors.InternalError, tf.errors.FailedPreconditionError)
     if not (is_multi_worker(strategy) and isinstance(error, peer_errors)):
         return error
-    import mlflow
-
     multi_worker.exit_if_stuck()
     lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines() if line.strip()]
     reason = next((line for line in lines if "abort" in line.lower() or "connect" in line.lower()), lines[0] if lines
                   else type(error).__name__)
-    run = mlflow.active_run() if is_chief(strategy) else None
-    run_id = run.info.run_id if run is not None else "<the chief's run id>"
+    chief_run = ((run_id or _active_run_id)() if is_chief(strategy) else None) or "<the chief's run id>"
     return PipelineError(
         f"multi-worker training stopped on {task_name(strategy)}: a worker died, is unreachable or did not answer "
         f"within distribution.timeout_seconds={multi_worker.configured_timeout():g} "
         f"({type(error).__name__}: {reason[:300]}). "
-        f"Resume from the last checkpoint on every worker with: python -m pipeline.train resume={run_id} "
+        f"Resume from the last checkpoint on every worker with: python -m pipeline.train resume={chief_run} "
         "distribution=multi_worker")
+
+
+def _active_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
 
 
 def num_replicas(strategy: tf.distribute.Strategy) -> int:
