@@ -3,8 +3,10 @@
 Importing MLflow and opening its sqlite store cost about 2 s of Python on 2 cores (most
 of it the imports of MLflow's SQLAlchemy store: SQLAlchemy's mappers, Alembic), more
 than TensorFlow needs to trace and run the first execution; done first, they delayed
-the first step by all of it. So `opening` starts them on a thread as `fit` begins, and
-the training thread creates the run as soon as the store is open:
+the first step by all of it. So `opening` starts them on a thread, which sets to work
+once the train step is traced (`GuardedModel.step_traced`: tracing is Python, and
+would share the GIL with the thread; what follows, graph optimization and the steps,
+is TensorFlow's C++). The training thread creates the run as soon as the store is open:
 
 - at the first execution boundary after that (`RunOpener.on_train_batch_begin`);
 - at the latest before anything an epoch produced is logged (the opener is the first
@@ -43,6 +45,7 @@ from pipeline.plan import RunPlan
 if TYPE_CHECKING:
     import mlflow
 
+    from pipeline.training.guarded import GuardedModel
     from pipeline.training.precision import Resolved
 
 log = logging.getLogger(__name__)
@@ -54,12 +57,15 @@ class PendingRun:
     Args:
         stack: where the open run's context goes, to be closed with the block's outcome.
         plan, policy, model, splits, checkpoints: what `run_started` records.
+        start_after: the thread starts opening the store once this is set (`open`
+            sets it, if nothing has).
     """
 
     def __init__(self, stack: contextlib.ExitStack, plan: RunPlan, policy: Resolved, model: keras.Model, splits,
-                 checkpoints: bool) -> None:
+                 checkpoints: bool, start_after: threading.Event) -> None:
         self._stack = stack
         self._started = (plan, policy, model, splits, checkpoints)
+        self._start_after = start_after
         self._run_id: str | None = None
         self._on_open: list[Callable[[str], None]] = []
         self._experiment_id: Future[str] = Future()
@@ -67,6 +73,7 @@ class PendingRun:
         threading.Thread(target=self._connect, name="open-mlflow-store", daemon=True).start()
 
     def _connect(self) -> None:
+        self._start_after.wait()
         try:
             # MLflow, its store's modules, and what `open` records with, imported here.
             from pipeline import summary, tracking  # noqa: F401
@@ -96,6 +103,7 @@ class PendingRun:
             PipelineError: the store could not be opened (`tracking.connect`).
         """
         if self._run_id is None:
+            self._start_after.set()  # needed now: no more waiting for the first step's tracing
             experiment_id = self._experiment_id.result()
             plan, policy, model, splits, checkpoints = self._started
             run = self._stack.enter_context(opened_run(plan, policy.policy, experiment_id))
@@ -117,12 +125,12 @@ class PendingRun:
 
 
 @contextlib.contextmanager
-def opening(plan: RunPlan, policy: Resolved, model: keras.Model, splits, checkpoints: bool) -> Iterator[PendingRun]:
+def opening(plan: RunPlan, policy: Resolved, guarded: GuardedModel, splits, checkpoints: bool) -> Iterator[PendingRun]:
     """Start opening the plan's run (see the module's docstring) and yield it, open or
     not. On the way out, it is open and closed with the block's outcome: FINISHED,
     KILLED or FAILED (`opened_run`)."""
     with contextlib.ExitStack() as stack:
-        run = PendingRun(stack, plan, policy, model, splits, checkpoints)
+        run = PendingRun(stack, plan, policy, guarded.model, splits, checkpoints, start_after=guarded.step_traced)
         try:
             yield run
         except BaseException as error:

@@ -77,7 +77,7 @@ def train(plan: RunPlan) -> dict[str, float]:
         guarded = compile_guarded(plan, model, splits, callbacks.guard, strategy)
         initial_epoch = callbacks.restore(plan, guarded, splits.steps_per_epoch)
 
-        with pending_run.opening(plan, policy, model, splits, checkpoints=callbacks.checkpointing is not None) as run:
+        with pending_run.opening(plan, policy, guarded, splits, checkpoints=callbacks.checkpointing is not None) as run:
             with callbacks.running(strategy, run):
                 history = guarded.fit(
                     splits.train,  # every epoch, from one iterator: `steps_per_epoch` says where each ends

@@ -21,6 +21,7 @@ so no bad step goes unseen.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import keras
@@ -60,6 +61,10 @@ class GuardedModel(keras.Model):
         self._steps_per_epoch = steps_per_epoch
         self._layer_groups: list[tuple[str, list[int]]] | None = None
         self.train_state: TrainState | None = None
+        # Set once the train step's Python has run, i.e. it is traced: the rest of the
+        # first execution (graph optimization, the steps) is TensorFlow's C++, which
+        # leaves Python free for other threads (`pipeline.pending_run` waits for it).
+        self.step_traced = threading.Event()
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
@@ -146,6 +151,7 @@ class GuardedModel(keras.Model):
                            args=(data,))
         state.batch.assign_add(1)
         state.global_batch.assign_add(1)
+        self.step_traced.set()
         return self.get_metrics_result()
 
     def _guarded_step(self, data, state: TrainState) -> tf.Tensor:
