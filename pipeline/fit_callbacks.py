@@ -3,7 +3,7 @@ from the run, and the order Keras calls them in.
 
     callbacks = FitCallbacks.from_plan(plan)             # before TensorFlow builds anything
     initial_epoch = callbacks.restore(plan, guarded, splits.steps_per_epoch)   # resume only
-    with pending_run.opening(...) as run:                 # the MLflow run, opened as `fit` starts
+    with pending_run.opening(...) as run:                 # the MLflow run, opened as the first steps train
         with callbacks.running(strategy, run):
             guarded.fit(..., callbacks=callbacks.attach(plan, run, guarded, splits))
 
@@ -122,7 +122,7 @@ class FitCallbacks:
         run.when_open(self.epoch_logger.use_run)
         if self.checkpointing is not None:  # no checkpoint on disk ahead of the epochs it covers
             self.checkpointing.before_write = self.epoch_logger.flush
-            self.checkpointing.open_run = run.open  # a stop by signal names the run to resume
+            self.checkpointing.open_run = run.open  # trained steps are saved once their run is in the store
         ordered = [RunOpener(run), TrainProgress(), *(c for c in self.configured if c is not self.checkpointing),
                    self.epoch_logger]
         if self.pruning is not None:
