@@ -221,9 +221,7 @@ class GradNormGuard(keras.callbacks.Callback):
                             **details})
         import mlflow
 
-        if self.open_run is not None:
-            self.open_run()
-        if mlflow.active_run() is not None:
+        if self._run_to_log_to() is not None:
             try:
                 mlflow.log_text("\n".join(json.dumps(e) for e in self.events) + "\n", "events.jsonl")
             except Exception as error:  # the store is gone; the event is in the log and the error
@@ -236,9 +234,7 @@ class GradNormGuard(keras.callbacks.Callback):
         import mlflow
         from mlflow.entities import Metric
 
-        if self.open_run is not None:
-            self.open_run()
-        run = mlflow.active_run()
+        run = self._run_to_log_to()
         if run is not None:
             now = int(time.time() * 1000)
             metrics = [Metric(key, value, now, step) for key, value, step in self._pending if math.isfinite(value)]
@@ -247,6 +243,15 @@ class GradNormGuard(keras.callbacks.Callback):
                 # In the background: nothing waits on these, and MLflow flushes them when the run ends.
                 client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000], synchronous=False)
         self._pending = []
+
+
+    def _run_to_log_to(self):
+        """MLflow's active run, once the pipeline's run (if it is still opening) is open."""
+        import mlflow
+
+        if self.open_run is not None:
+            self.open_run()
+        return mlflow.active_run()
 
 
 def _all_finite(model: keras.Model):

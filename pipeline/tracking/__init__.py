@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
 from pipeline.redact import redact, redact_command, redact_config
-from pipeline.store_uri import require_server, tracking_uri  # noqa: F401  (tracking.tracking_uri, for callers)
+from pipeline.store_uri import require_server, tracking_uri
 
 if TYPE_CHECKING:
     import keras
