@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: epoch timing, interleaved pairs, the README table.
 
 Every benchmark measures its candidate and its baseline in the same process,
-interleaved A B A B ..., and reports the median of the per-pair ratios.
+interleaved, the order turning each round (A B, B A, A B, ...: neither always runs
+first, e.g. right after a slow patch or a fresh `clear_session`), and reports the
+median of the per-pair ratios.
 
 This VM's speed is not steady: its host runs it at full speed or at about half, for a
 few seconds at a time (`host_steadiness` measures it: a fixed pure-Python loop's
@@ -110,10 +112,13 @@ class Throughput:
 
 
 def interleaved_runs(rounds: int, runs: dict[str, Callable[[], Throughput]]) -> list[dict[str, Throughput]]:
-    """Run each of `runs` in turn, `rounds` times (A B C A B C ...); each round's throughputs."""
-    results = []
+    """Run each of `runs` once a round, `rounds` times, the order turning by one each
+    round (A B C, B C A, C A B, ...); each round's throughputs, keyed as `runs`."""
+    results, names = [], list(runs)
     for index in range(rounds):
-        results.append({name: run() for name, run in runs.items()})
+        order = names[index % len(names):] + names[:index % len(names)]
+        measured = {name: runs[name]() for name in order}
+        results.append({name: measured[name] for name in names})
         print(f"  round {index + 1}: " + ", ".join(f"{name} {t.best:,.0f}/s (median epoch {t.median:,.0f}/s)"
                                                    for name, t in results[-1].items()), flush=True)
     return results
@@ -121,7 +126,7 @@ def interleaved_runs(rounds: int, runs: dict[str, Callable[[], Throughput]]) -> 
 
 def interleaved(pairs: int, candidate: Callable[[], Throughput],
                 baseline: Callable[[], Throughput]) -> list[tuple[float, float]]:
-    """Run baseline, candidate, baseline, candidate, ...; return each pair's
+    """Run baseline and candidate `pairs` times, in turning order; return each pair's
     candidate/baseline ratio of (best-epoch, median-epoch) throughput."""
     rounds = interleaved_runs(pairs, {"baseline": baseline, "candidate": candidate})
     return [(r["candidate"].best / r["baseline"].best, r["candidate"].median / r["baseline"].median) for r in rounds]
