@@ -18,11 +18,12 @@ batch 128). Baselines, same model and data:
   85, one data epoch); no guard, no callbacks, no MLflow. pipeline/tuned is what the
   pipeline's machinery costs.
 
-Each round runs bare, tuned and pipeline, the order turning by one each round. Throughput is training examples per
-second of steady-state epoch time (the first, compiling epoch excluded), validation
-and all per-epoch work included, counted from the optimizer steps each epoch took:
-each run's fastest steady epoch, because this host runs the VM at full or about half
-speed for seconds at a time (see `common.py`); the ratio from median epochs is printed too.
+Each round runs bare, tuned and pipeline, the order turning by one each round.
+Throughput is training examples per second of steady-state epoch time (the first,
+compiling epoch excluded), validation and all per-epoch work included, counted from
+the optimizer steps each epoch took: each run's fastest steady epoch, because this
+host runs the VM at full or about half speed for seconds at a time (see `common.py`);
+the ratio from median epochs, and each ratio's lowest and highest round, are printed too.
 
 The last line reads `pipeline/bare_fit throughput ratio: mlp X, resnet Y; pipeline/tuned_fit:
 mlp X2, resnet Y2 (median of 5 interleaved rounds)`. With `--readme`, the figures go into the README.
