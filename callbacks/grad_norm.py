@@ -244,7 +244,6 @@ class GradNormGuard(keras.callbacks.Callback):
                 client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000], synchronous=False)
         self._pending = []
 
-
     def _run_to_log_to(self):
         """MLflow's active run, once the pipeline's run (if it is still opening) is open."""
         import mlflow
