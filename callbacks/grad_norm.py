@@ -91,11 +91,14 @@ class GradNormGuard(keras.callbacks.Callback):
         self.lr_scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
         self.rollback_count = tf.Variable(0, trainable=False, dtype=tf.int64, name="rollbacks")
         # Wired by the pipeline: rebuilds a training batch for the diagnosis, restores
-        # the last checkpoint for a rollback, and opens its MLflow run if it is still
-        # opening (`pipeline.pending_run`) before an event or values are logged.
+        # the last checkpoint for a rollback, opens its MLflow run if it is still opening
+        # (`pipeline.pending_run`) before an event is logged, and takes the per-step values
+        # to log with the epoch's metrics (`MLflowEpochLogger.log_later`; without it, they
+        # go to MLflow's active run directly).
         self.batch_at: Callable[[int, int], tuple] | None = None
         self.restore_last_checkpoint: Callable[[], int] | None = None
         self.open_run: Callable[[], str] | None = None
+        self.log_values: Callable[[list[tuple[str, float, int]]], None] | None = None
         self.events: list[dict] = []
         self._rollback_steps: list[int] = []
         self._pending: list[tuple[str, float, int]] = []
@@ -228,8 +231,12 @@ class GradNormGuard(keras.callbacks.Callback):
                 log.warning("could not log events.jsonl to MLflow: %s", error)
 
     def _flush(self) -> None:
-        """Log the recorded per-step values in one batched call."""
-        if not self._pending:
+        """Hand the recorded per-step values over to be logged (non-finite norms are not)."""
+        values, self._pending = [(key, value, step) for key, value, step in self._pending if math.isfinite(value)], []
+        if not values:
+            return
+        if self.log_values is not None:
+            self.log_values(values)
             return
         import mlflow
         from mlflow.entities import Metric
@@ -237,12 +244,11 @@ class GradNormGuard(keras.callbacks.Callback):
         run = self._run_to_log_to()
         if run is not None:
             now = int(time.time() * 1000)
-            metrics = [Metric(key, value, now, step) for key, value, step in self._pending if math.isfinite(value)]
+            metrics = [Metric(key, value, now, step) for key, value, step in values]
             client = mlflow.MlflowClient()
             for start in range(0, len(metrics), 1000):  # MLflow's per-call limit
                 # In the background: nothing waits on these, and MLflow flushes them when the run ends.
                 client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000], synchronous=False)
-        self._pending = []
 
     def _run_to_log_to(self):
         """MLflow's active run, once the pipeline's run (if it is still opening) is open."""

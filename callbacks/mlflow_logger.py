@@ -1,4 +1,5 @@
-"""Log every epoch's Keras metrics to an MLflow run, in one batched call per epoch.
+"""Log every epoch's Keras metrics to an MLflow run, in one batched call per epoch,
+together with the per-step values other callbacks hand it (`log_later`).
 
 Only `on_epoch_end` is overridden: a callback that defines `on_train_batch_end` makes
 Keras 3 synchronise with the device after every step. The call to the store runs on a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,9 +44,11 @@ def metric_key(keras_name: str) -> str:
 class MLflowEpochLogger(keras.callbacks.Callback):
     """Log `train_*`, `val_*` and `lr` at step = epoch (0-based) to one MLflow run.
 
-    Also logged, when present: `loss_scale` under float16 loss scaling, and whatever
-    any layer reports through a `logged_values() -> dict[str, float]` method (e.g. a
-    weighted ensemble's learned member weights).
+    Also logged, when present: `loss_scale` under float16 loss scaling, whatever any
+    layer reports through a `logged_values() -> dict[str, float]` method (e.g. a weighted
+    ensemble's learned member weights), and the per-step values handed to `log_later`
+    (the guard's gradient norms), which go out with the next epoch's call: one call to
+    the store per epoch, and the same fallback to the local file.
 
     A resumed run may re-train an epoch it had already logged (when it was killed
     between logging the epoch and checkpointing it): values already in the run are
@@ -68,6 +72,8 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         self.unlogged: list[Metric] = []  # epochs the store has not got yet
         self.first_failure: str | None = None
         self._logged: set[tuple[str, int]] = set()
+        self._later: list[Metric] = []  # per-step values for the next call
+        self._epoch = -1
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-logger")
         self._pending: Future | None = None
 
@@ -105,9 +111,21 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         for layer in nested_layers(self.model):
             if callable(getattr(layer, "logged_values", None)):
                 values.update(layer.logged_values())
-        metrics = [Metric(key, value, timestamp, epoch) for key, value in values.items()
-                   if (key, epoch) not in self._logged]
-        self._pending = self._sender.submit(self._send, epoch, metrics)
+        metrics = [Metric(key, value, timestamp, epoch) for key, value in values.items()]
+        self._epoch = epoch
+        self._submit(metrics)
+
+    def log_later(self, values: Iterable[tuple[str, float, int]]) -> None:
+        """Log (key, value, step) triples with the next epoch's metrics, or at `wait`
+        if no epoch ends first. Call it from the training thread, as the hooks are."""
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self._later.extend(Metric(key, float(value), timestamp, step) for key, value, step in values)
+
+    def _submit(self, metrics: list[Metric]) -> None:
+        metrics, self._later = [m for m in [*metrics, *self._later] if (m.key, m.step) not in self._logged], []
+        self._pending = self._sender.submit(self._send, self._epoch, metrics)
 
     def on_train_end(self, logs=None) -> None:
         self.wait()
@@ -119,7 +137,10 @@ class MLflowEpochLogger(keras.callbacks.Callback):
         self._sender.submit(lambda: None).result()  # one sender thread: behind every epoch before it
 
     def wait(self) -> None:
-        """Block until every epoch so far is in the store (or in the offline file)."""
+        """Block until every epoch so far, and every value handed to `log_later`, is in
+        the store (or in the offline file)."""
+        if self._later and self.run_id is not None:
+            self._submit([])
         if self._pending is not None:
             # A store that fails sends the epoch to the offline file instead; only an
             # offline file that cannot be written raises (OSError), here.
@@ -141,7 +162,8 @@ class MLflowEpochLogger(keras.callbacks.Callback):
 
     def _write_offline(self, epoch: int, metrics: list[Metric], error: Exception) -> None:
         if self.first_failure is None:
-            self.first_failure = f"epoch {epoch}: {type(error).__name__}: {one_line(error, 200)}"
+            where = f"epoch {epoch}" if epoch >= 0 else "before the first epoch's end"
+            self.first_failure = f"{where}: {type(error).__name__}: {one_line(error, 200)}"
             log.warning("cannot log to MLflow (%s); training goes on, metrics go to %s", self.first_failure,
                         self.offline_file)
         with self.offline_file.open("a") as file:

@@ -120,6 +120,8 @@ class FitCallbacks:
             self.guard.open_run = run.open  # a bad step in the first steps is logged to the run, too
         self.epoch_logger = MLflowEpochLogger(offline_file=plan.output_dir / "offline-metrics.jsonl")
         run.when_open(self.epoch_logger.use_run)
+        if self.guard is not None:  # its norms go with each epoch's metrics: one call to the store, one fallback
+            self.guard.log_values = self.epoch_logger.log_later
         if self.checkpointing is not None:  # no checkpoint on disk ahead of the epochs it covers
             self.checkpointing.before_write = self.epoch_logger.flush
             self.checkpointing.open_run = run.open  # trained steps are saved once their run is in the store

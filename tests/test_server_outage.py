@@ -50,6 +50,9 @@ def test_training_survives_the_server_going_away(tfds_dir: str, tmp_path: Path,
     lines = [json.loads(line) for line in offline.read_text().splitlines()]
     assert sorted({line["step"] for line in lines if line["key"] == "val_loss"}) == [1, 2, 3]
     assert all(np.isfinite(line["value"]) for line in lines)
+    # The guard's gradient norms go with their epoch's metrics: logged every 50 steps, at
+    # the end of the executions that pass 50, 100 and 150 (16-step executions, 41-step epochs).
+    assert sorted(line["step"] for line in lines if line["key"] == "grad_norm") == [56, 113, 154]
     import architectures  # noqa: F401  (registers the custom layers a saved model may use)
 
     reloaded = keras.saving.load_model(model_file)
