@@ -34,7 +34,7 @@ from pipeline.errors import ConfigError
 from pipeline.pending_run import PendingRun, RunOpener
 from pipeline.plan import RunPlan
 from pipeline.training import distribute
-from pipeline.training.guarded import GuardedModel, TrainProgress
+from pipeline.training.guarded import EpochProgbar, GuardedModel, TrainProgress
 
 if TYPE_CHECKING:
     from callbacks.optuna_pruning import OptunaPruning
@@ -130,7 +130,8 @@ class FitCallbacks:
         if self.pruning is not None:
             run.when_open(self.pruning.use_run)
             ordered.append(self.pruning)
-        return ordered + ([self.checkpointing] if self.checkpointing is not None else [])
+        ordered += [self.checkpointing] if self.checkpointing is not None else []
+        return ordered + ([EpochProgbar()] if plan.cfg.trainer.verbose else [])  # where Keras puts its own: last
 
     @contextlib.contextmanager
     def running(self, strategy, run: PendingRun) -> Iterator[None]:

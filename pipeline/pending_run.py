@@ -88,6 +88,10 @@ class PendingRun:
         """Whether `open` would not wait: the store is open, or failed to open."""
         return self._experiment_id.done()
 
+    @property
+    def is_open(self) -> bool:
+        return self._run_id is not None
+
     def when_open(self, hook: Callable[[str], None]) -> None:
         """Call `hook(run_id)` once the run is open (now, if it is), before `open` returns."""
         if self._run_id is not None:
@@ -198,9 +202,17 @@ class RunOpener(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
         if self.run.ready:
-            self.run.open()
+            self._open_in_epoch()
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        self._open_in_epoch()
+
+    def _open_in_epoch(self) -> None:
+        """Open the run. Within an epoch, `trainer.verbose=1`'s progress bar is mid-line
+        (Keras rewrites it in place, and ends it at the epoch's end, after this callback):
+        the run's "started" line then goes on a line of its own, and the bar below it."""
+        if not self.run.is_open and self.params.get("verbose") == 1:
+            print(flush=True)
         self.run.open()
 
     def on_train_end(self, logs=None) -> None:

@@ -37,6 +37,20 @@ def test_train_then_evaluate_from_the_command_line(tfds_dir: str, tmp_path: Path
     assert float(match.group(1)) == pytest.approx(run.data.metrics["test_accuracy"], abs=5e-5)
 
 
+def test_progress_bar_counts_to_the_epochs_steps_with_the_run_line_apart(tfds_dir: str, tmp_path: Path) -> None:
+    # debug=limit: 5-step epochs, one execution each (16 steps per execution at most).
+    trained = run_module("pipeline.train", "trainer.epochs=2", "trainer.verbose=1", "debug=limit",
+                         f"dataset.data_dir={tfds_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    # The bar rewrites its line with \b and \r; the run opens while it is mid-line.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", trained.stdout).replace("\b", "")
+    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    (started,) = [line for line in lines if "started in experiment" in line]
+    assert started.startswith("run "), started
+    counts = [tuple(map(int, m.groups())) for line in lines if (m := re.match(r"(\d+)/(\d+) ", line))]
+    assert counts and all(seen <= steps == 5 for seen, steps in counts), counts  # Keras's own count says 16/5
+
+
 def test_evaluate_refuses_unknown_model_in_one_line(tmp_path: Path) -> None:
     result = run_module("pipeline.evaluate", "model=models:/no-such-model@champion", cwd=tmp_path,
                         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}, timeout=300)

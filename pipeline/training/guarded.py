@@ -268,3 +268,14 @@ class TrainProgress(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._begin_epoch(tf.constant(epoch, tf.int64))
+
+
+class EpochProgbar(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar (`trainer.verbose=1`), counting no further than the epoch's
+    steps. Keras numbers an epoch's executions in whole `steps_per_execution`, so for a
+    41-step epoch at 16 a step its bar would pass through 48/41; `GuardedModel`'s last
+    execution of an epoch stops at the epoch's end, at step 41."""
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        steps = self.target  # the epoch's steps (`set_params`), None where fit does not know them
+        super().on_train_batch_end(batch if steps is None else min(batch, steps - 1), logs)
