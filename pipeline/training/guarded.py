@@ -272,9 +272,9 @@ class TrainProgress(keras.callbacks.Callback):
 
 class EpochProgbar(keras.callbacks.ProgbarLogger):
     """Keras's progress bar (`trainer.verbose=1`), counting no further than the epoch's
-    steps. Keras numbers an epoch's executions in whole `steps_per_execution`, so for a
-    41-step epoch at 16 a step its bar would pass through 48/41; `GuardedModel`'s last
-    execution of an epoch stops at the epoch's end, at step 41."""
+    steps. Keras numbers an epoch's executions in whole `steps_per_execution`, so with 16
+    steps per execution a 41-step epoch's bar would pass through 48/41; `GuardedModel`'s
+    last execution of an epoch stops at the epoch's end, at step 41."""
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
         steps = self.target  # the epoch's steps (`set_params`), None where fit does not know them
