@@ -10,6 +10,7 @@ fix then ends as a single `error: ...` line and a non-zero exit (2 for config mi
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import PipelineError, TrainingInterrupted
@@ -50,19 +52,40 @@ def job_output_dir(hydra_node: Any = None) -> Path | None:
         if not HydraConfig.initialized():
             return None
         hydra_node = HydraConfig.get()
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_missing(hydra_node.runtime, "output_dir"):
         return None
     return Path(str(hydra_node.runtime.output_dir)).absolute()
+
+
+def unclaimed_dir(path: str) -> str:
+    """`path`, or `path_2`, `path_3`, ...: the first that did not exist, created here.
+    The configs name Hydra's job and sweep directories with it (`${unclaimed_dir:...}`):
+    they are named to the second, and jobs started in the same second would otherwise
+    share one, their checkpoints, logs and `.hydra/` mixed. Registered with a cache, so
+    one config claims one directory (Hydra copies the cache to each job of a sweep). If
+    the parent cannot be created, `path` is returned for Hydra to fail on with its error."""
+    base = Path(path)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for number in itertools.count(1):
+            candidate = base if number == 1 else base.with_name(f"{base.name}_{number}")
+            try:
+                candidate.mkdir()
+                return str(candidate)
+            except FileExistsError:
+                continue
+    except OSError:
+        pass
+    return path
+
+
+OmegaConf.register_new_resolver("unclaimed_dir", unclaimed_dir, use_cache=True, replace=True)
 
 
 def overrides(hydra_node: Any) -> list[str]:
     """The job's overrides as typed (`hydra_node` is a config's `hydra` node), without
     resolving what they hold: `optimizer.lr=${oc.env:LR}` is a string here, not a lookup
     that fails before the config is validated."""
-    from omegaconf import OmegaConf
-
     return [str(o) for o in OmegaConf.to_container(hydra_node.overrides.task, resolve=False)]
 
 

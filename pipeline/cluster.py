@@ -22,6 +22,8 @@ import threading
 import time
 from datetime import datetime
 
+from pipeline.cli import unclaimed_dir
+
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports free on 127.0.0.1 right now (held open until all are picked)."""
@@ -50,10 +52,11 @@ def _stream(process: subprocess.Popen, prefix: str) -> None:
 def launch(workers: int, train_args: list[str], grace_seconds: float = 10.0) -> int:
     """Run the cluster to completion; return 0, or the first failing worker's exit code."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
-    run_dir = f"outputs/{datetime.now():%Y-%m-%d/%H-%M-%S}"
+    has_run_dir = any(a.startswith("hydra.run.dir=") for a in train_args)
+    # Claimed, not just named: two clusters started in the same second stay apart.
+    run_dir = None if has_run_dir else unclaimed_dir(f"outputs/{datetime.now():%Y-%m-%d/%H-%M-%S}")
     processes = []
     for index in range(workers):
-        has_run_dir = any(a.startswith("hydra.run.dir=") for a in train_args)
         args = [*train_args] if has_run_dir else [*train_args, f"hydra.run.dir={run_dir}/worker-{index}"]
         env = {**os.environ, "TF_CONFIG": tf_config(addresses, index), "PYTHONUNBUFFERED": "1"}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

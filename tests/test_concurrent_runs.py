@@ -1,15 +1,22 @@
 """Trainings started at the same moment in a new directory share one new sqlite store:
-its schema is created once, under a lock, and every run finishes."""
+its schema is created once, under a lock, and every run finishes, each in a job
+directory of its own although Hydra names them to the second."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
+import hydra.core.utils
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from pipeline import cli
+from pipeline.config import compose_with_hydra
 
 
 @pytest.mark.slow
@@ -26,3 +33,25 @@ def test_three_trainings_started_together_on_a_fresh_directory_all_finish(tfds_d
     runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert sorted(run.data.params["seed"] for run in runs) == ["0", "1", "2"]
     assert {run.info.status for run in runs} == {"FINISHED"}
+    assert len({run.data.tags["checkpoint_dir"] for run in runs}) == 3, "each run checkpoints in its own directory"
+
+
+@pytest.mark.parametrize(("key", "base"), [("run", "outputs"), ("sweep", "multirun")])
+def test_jobs_composed_in_the_same_second_claim_directories_of_their_own(
+        key: str, base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Frozen(datetime):  # Hydra's `now` resolver, stopped within one second
+        @classmethod
+        def now(cls, tz=None) -> datetime:
+            return datetime(2026, 12, 2, 11, 51, 8)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    claimed = [OmegaConf.select(compose_with_hydra()[1], f"{key}.dir") for _ in range(3)]
+    assert claimed == [f"{base}/2026-12-02/11-51-08", f"{base}/2026-12-02/11-51-08_2",
+                       f"{base}/2026-12-02/11-51-08_3"]
+    assert all((tmp_path / directory).is_dir() for directory in claimed)
+
+
+def test_an_unwritable_parent_is_left_for_hydra_to_report(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    assert cli.unclaimed_dir(str(tmp_path / "file" / "run")) == str(tmp_path / "file" / "run")
