@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 
 from pipeline.errors import PipelineError, TrainingInterrupted, one_line
-from pipeline.training.checkpoint_store import NumberedCheckpoints, by_path, latest_readable, read_all
+from pipeline.training.checkpoint_store import NumberedCheckpoints, by_path, hold, latest_readable, read_all
 from pipeline.training.guarded import compiled_after_first_call
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Checkpointing(keras.callbacks.Callback):
         # still opening: before any save of trained steps, and to name the run a stop by
         # signal can resume); None: MLflow's active run, if any.
         self.open_run: Callable[[], str] | None = None
+        self._held = None  # the lock on `directory` (`open` takes it, `release` lets go)
 
     # -- set up by the pipeline, before fit ----------------------------------------
     def open(self, directory: Path, model, callbacks: list[keras.callbacks.Callback],
@@ -88,7 +89,10 @@ class Checkpointing(keras.callbacks.Callback):
         With `scratch_directory` (a non-chief worker of a multi-worker cluster), restore
         from `directory` but write each save to `scratch_directory` and delete it right
         after: every worker must save (a save may involve collectives), only the chief's
-        copy is kept (TensorFlow's multi-worker checkpointing guidance)."""
+        copy is kept (TensorFlow's multi-worker checkpointing guidance).
+
+        The chief holds `directory` (`checkpoint_store.hold`) until `release`: a second
+        process training into it is refused before it changes anything."""
         self._scratch_directory = None if scratch_directory is None else str(scratch_directory)
         writes_to = directory if scratch_directory is None else scratch_directory
         try:
@@ -99,6 +103,9 @@ class Checkpointing(keras.callbacks.Callback):
         except OSError as error:
             raise PipelineError(f"callbacks.checkpoint.directory: cannot write checkpoints to {writes_to}: "
                                 f"{error.strerror or error}") from None
+        if scratch_directory is None:
+            self.release()
+            self._held = hold(directory)
         self.directory = str(directory)
         self.set_model(model)
         self.stateful_callbacks = [c for c in callbacks if callable(getattr(c, "checkpoint_state", None))]
@@ -265,6 +272,12 @@ class Checkpointing(keras.callbacks.Callback):
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
         self._previous_handlers = {}
+
+    def release(self) -> None:
+        """Let another process train into the directory: once the run is closed."""
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def _on_signal(self, number: int, frame) -> None:
         name = signal.Signals(number).name

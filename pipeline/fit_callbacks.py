@@ -90,6 +90,17 @@ class FitCallbacks:
             pruning = OptunaPruning(plan.optuna_trial, monitor) if monitor else None
         return cls(configured, guard, checkpointing, pruning)
 
+    @contextlib.contextmanager
+    def holding_checkpoints(self) -> Iterator[None]:
+        """Around the whole training, record and close of the run included: the checkpoint
+        directory, once opened (`restore` or `attach`), stays this process's until the
+        run is closed, so that no `resume=` of it can start before."""
+        try:
+            yield
+        finally:
+            if self.checkpointing is not None:
+                self.checkpointing.release()
+
     def restore(self, plan: RunPlan, guarded: GuardedModel, steps_per_epoch: int) -> int:
         """On a resume, open the run's checkpoints and restore the newest; return the
         epoch `fit` starts at (0 for a new run). Called before the run reopens, so

@@ -64,7 +64,8 @@ def train(plan: RunPlan) -> dict[str, float]:
         tf.config.experimental.enable_op_determinism()  # for the whole process: TensorFlow has no off switch
     callbacks = FitCallbacks.from_plan(plan)
     keras.backend.clear_session(free_memory=runs > 1)  # fresh layer names; frees a sweep's earlier jobs
-    with precision.applied(cfg.precision.policy) as policy, strategy.scope():  # build and compile in scope
+    # The checkpoint directory stays this process's until the run closes; build and compile in scope.
+    with callbacks.holding_checkpoints(), precision.applied(cfg.precision.policy) as policy, strategy.scope():
         log.info("precision: %s (precision.policy=%s: %s)", policy.policy, cfg.precision.policy, policy.reason)
         keras.utils.set_random_seed(cfg.seed)
         splits = data.load(cfg.dataset, seed=cfg.seed)

@@ -18,8 +18,9 @@ import tensorflow as tf
 from conftest import compose_plan, new_mlflow_store, run_module
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import DivergenceError
+from pipeline.errors import DivergenceError, PipelineError
 from pipeline.train import train
+from pipeline.training import checkpoint_store
 
 FAST = ["trainer.epochs=3", "callbacks.checkpoint.every_n_steps=20", "trainer.verbose=0",
         "trainer.steps_per_execution=1"]  # one step per execution, so checkpoint steps are exact
@@ -250,6 +251,46 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     for key in EPOCH_KEYS:
         assert [s for s, _ in got[key]] == [0, 1, 2], f"{key}: every epoch exactly once"
     assert run.data.tags["resumed_with_epochs"] == "3"
+
+
+def test_a_run_still_training_is_not_resumed_by_a_second_process(tfds_dir: str, mlflow_store: str) -> None:
+    """The directory's lock, held here as the training process would hold it (`flock` is
+    per open file, so a second open in one process is refused as another process is)."""
+    train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, "trainer.epochs=2"]))
+    client = MlflowClient()
+    run = only_run(client)
+    directory = Path(run.data.tags["checkpoint_dir"])
+    before = histories(client, run.info.run_id)
+
+    held = checkpoint_store.hold(directory)
+    try:
+        with pytest.raises(PipelineError) as error:
+            train(compose_plan([f"resume={run.info.run_id}", "trainer.epochs=3"]))
+    finally:
+        held.close()
+    assert str(error.value).startswith(f"checkpoints {directory} are in use by pid {os.getpid()} on ")
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and "resumed_with_epochs" not in after.data.tags, "the run was not touched"
+    assert histories(client, run.info.run_id) == before
+
+    train(compose_plan([f"resume={run.info.run_id}", "trainer.epochs=3"]))  # released: it resumes
+    assert [s for s, _ in histories(client, run.info.run_id)["val_loss"]] == [0, 1, 2]
+
+
+def test_the_lock_goes_with_its_process_even_after_kill_9(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from pipeline.training.checkpoint_store import hold; "
+         "held = hold(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(PipelineError, match=f"in use by pid {holder.pid} on "):
+            checkpoint_store.hold(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    checkpoint_store.hold(tmp_path).close()
 
 
 def test_checkpoint_of_another_layout_fails_in_one_line_and_is_left_as_it_was(tmp_path: Path, caplog) -> None:

@@ -4,7 +4,8 @@ decides what goes in them and when).
 `NumberedCheckpoints` writes `directory/ckpt-N`, keeps the newest few and lists them in
 the `checkpoint` index file, as `tf.train.CheckpointManager` does, with one compiled call
 per write; `latest_readable` finds the newest checkpoint whose every tensor reads back,
-and `read_all` restores from one, failing clearly when it holds another model's state.
+and `read_all` restores from one, failing clearly when it holds another model's state;
+`hold` keeps a second process from training into the same directory.
 TensorFlow writes a checkpoint's files under a temporary name; then the index file
 moves to it with an atomic rename, so a kill mid-write leaves the previous checkpoint
 as the latest.
@@ -15,7 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import time
 from pathlib import Path
+from typing import IO
 
 import tensorflow as tf
 
@@ -115,3 +119,31 @@ def read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
     raise PipelineError(f"checkpoint {path} does not hold this model's training state: another model or another "
                         f"version of the pipeline wrote it ({reason}). It is left as it was; train a new run, or "
                         "resume with the version that wrote it")
+
+
+def hold(directory: Path) -> IO[str]:
+    """An exclusive lock on `directory` for this process (`flock` on `directory/.lock`,
+    which names the holder), until the returned file is closed. Two processes training
+    into one directory (`resume=` of a run that is still training, the same run resumed
+    twice, two runs given one `callbacks.checkpoint.directory`) would overwrite each
+    other's checkpoints and log each step twice: the second is refused. The kernel drops
+    the lock when its holder ends, kill -9 included, so a crashed run resumes at once.
+
+    Raises:
+        PipelineError: another process holds it; the message names that process.
+    """
+    import fcntl
+
+    handle = open(directory / ".lock", "a+")  # held open: closing it lets go
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise PipelineError(f"checkpoints {directory} are in use by {holder}: a run trains in one process at a "
+                            "time. Let that process end, or stop it (its checkpoints stay), then resume") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    return handle
