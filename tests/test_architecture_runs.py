@@ -55,8 +55,10 @@ def test_resnet_mixed_reloads_as_float32_without_project_code(tfds_dir: str, mlf
 
 @pytest.mark.slow
 def test_multi_io_trains_and_reloads_without_project_code(tfds_dir: str, mlflow_store: str, tmp_path: Path) -> None:
-    # Champion: the heads' mean validation accuracy.
-    train(compose_plan(["architecture=multi_io", "dataset=synthetic_multimodal", f"dataset.data_dir={tfds_dir}"]))
+    # Champion: the heads' mean validation accuracy. 4 epochs (not the default 20) reach
+    # 0.95 and 1.0 test accuracy (2026-12-02), well above the 0.9 asked below.
+    train(compose_plan(["architecture=multi_io", "dataset=synthetic_multimodal", "trainer.epochs=4",
+                        f"dataset.data_dir={tfds_dir}"]))
     _, run = finished_run(tmp_path, "synthetic_multimodal")
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
