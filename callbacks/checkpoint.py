@@ -147,9 +147,10 @@ class Checkpointing(keras.callbacks.Callback):
         path = latest_readable(self.directory)
         if path is None:
             return None
+        state = self.model.build_train_state()
+        state.forget_observed()
         read_all(tf.train.Checkpoint(**self._core()), path)
         self._resume_from = path
-        state = self.model.build_train_state()
         epoch, batch = int(state.epoch.numpy()), int(state.batch.numpy())
         self._last_saved = int(state.global_batch.numpy())
         log.info("resuming from %s: epoch %d, batch %d (step %d)", path, epoch, batch, self._last_saved)
@@ -198,7 +199,7 @@ class Checkpointing(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
         if self.every_n_steps or self._requested_signal is not None:
-            done = int(self.model.build_train_state().global_batch.numpy())
+            done = self.model.build_train_state().steps_done()
             if self.every_n_steps and done // self.every_n_steps > self._last_saved // self.every_n_steps:
                 self.save()
             self._stop_if_signalled()
@@ -215,7 +216,7 @@ class Checkpointing(keras.callbacks.Callback):
     def save(self) -> str | None:
         """Snapshot now (at most once per step) and write it in the background; returns
         the path it will have. `wait` blocks until it is on disk."""
-        done = int(self.model.build_train_state().global_batch.numpy())
+        done = self.model.build_train_state().steps_done()
         if done == self._last_saved:
             return None
         if done > 0 and self.open_run is not None:

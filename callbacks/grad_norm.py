@@ -144,12 +144,12 @@ class GradNormGuard(keras.callbacks.Callback):
         return self.model.build_train_state()
 
     def _poll(self) -> None:
-        """Between executions: record the norms every N steps and act on a halt. One
-        read of the packed statistics, and of the step counter when norms are logged."""
+        """Between executions: record the norms every N steps and act on a halt, from
+        what the execution returned (`TrainState.observe`): no eager op."""
         state = self._state
         snapshot = None
         if self.log_every_n_steps:
-            done = int(state.global_batch.numpy())
+            done = state.steps_done()
             if done // self.log_every_n_steps > self._logged_up_to // self.log_every_n_steps:
                 step = done - 1  # the last step of the execution that just ran
                 snapshot = state.snapshot()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import mlflow
@@ -90,6 +92,52 @@ def test_skip_drops_the_bad_step_counts_it_and_finishes(tfds_dir: str, mlflow_st
     assert skipped == [(0, 0.0), (1, 1.0), (2, 0.0)]
     assert all(np.isfinite(v) for _, v in histories(client, run.info.run_id)["train_loss"])
     assert metrics["test_accuracy"] > 0.8
+
+
+def test_callbacks_between_executions_read_what_the_execution_returned(
+        tfds_dir: str, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between executions, the guard and the checkpoints read the train state that the
+    execution returned, not the variables (each eager read is an op dispatch), and it is
+    what the variables hold, through a skipped bad step and each epoch's reset."""
+    from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
+
+    from callbacks.grad_norm import GradNormGuard
+    from pipeline.training.train_state import TrainState
+
+    states, reads, polls, counting = [], [], [], [True]
+    real_init, real_numpy, real_poll = TrainState.__init__, BaseResourceVariable.numpy, GradNormGuard._poll
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        states.append(self)
+
+    def numpy(self):
+        if counting[0] and any(self is v for s in states for v in (s.global_batch, s.stats)):
+            reads.append("".join(traceback.format_stack(limit=6)[:-1]))
+        return real_numpy(self)
+
+    def poll(self):
+        state = self._state
+        steps, snapshot = state.steps_done(), state.snapshot()
+        counting[0] = False
+        observed, state._observed = state._observed, None  # the same questions, asked of the variables
+        assert observed is not None
+        assert steps == int(state.global_batch.numpy())
+        np.testing.assert_equal(dataclasses.astuple(snapshot), dataclasses.astuple(state.snapshot()))
+        state._observed, counting[0] = observed, True
+        polls.append(steps)
+        real_poll(self)
+
+    monkeypatch.setattr(TrainState, "__init__", init)
+    monkeypatch.setattr(BaseResourceVariable, "numpy", numpy)
+    monkeypatch.setattr(GradNormGuard, "_poll", poll)
+    train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, "dataset.inject_nan_at_step=50",
+                        "callbacks.grad_norm.action=skip", "callbacks.grad_norm.log_every_n_steps=1",
+                        "callbacks.checkpoint.every_n_steps=1"]))
+    assert len(polls) == 3 * 41 + 3  # before each execution but the first, and at each epoch's end
+    # Before the first execution (the guard's start, the initial checkpoint), and once after
+    # the skipped step's report wrote the state, at epoch 1's end. Before: 3 an execution.
+    assert len(reads) <= 3, "\n".join(reads)
 
 
 def test_rollback_recovers_from_an_injected_spike(tfds_dir: str, mlflow_store: str) -> None:

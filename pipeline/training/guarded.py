@@ -108,7 +108,8 @@ class GuardedModel(keras.Model):
         single iterator of consecutive epochs that would carry an epoch's last execution
         into the next epoch whenever `steps_per_execution` does not divide the epoch.
         Here the execution's length is the epoch's remaining batches, capped, read from
-        the train state in the same graph.
+        the train state in the same graph. Each execution also returns the state it
+        leaves (`TrainState.observe`), which the callbacks between executions read.
         """
         if self._steps_per_epoch is None:
             return super().make_train_function(force)
@@ -130,14 +131,20 @@ class GuardedModel(keras.Model):
             if steps_per_execution > 1:
                 _, outputs = tf.while_loop(lambda i, _: i < steps, lambda i, _: (i + 1, one_step(next(iterator))),
                                            (tf.constant(1, tf.int64), outputs))
-            return outputs
+            return outputs, state.observed_values()
 
         if not self.run_eagerly:
             # As Keras's: the step itself is not converted by AutoGraph.
             one_step = tf.function(one_step, reduce_retracing=True, jit_compile=self.jit_compile, autograph=False)
             execution = tf.function(execution, reduce_retracing=True, autograph=False)
-        self.train_function = execution
-        return execution
+
+        def train_function(iterator):
+            outputs, observed = execution(iterator)
+            state.observe(observed)  # what callbacks read until the next execution: no eager reads
+            return outputs
+
+        self.train_function = train_function
+        return train_function
 
     def train_step(self, data):
         state = self.build_train_state()
@@ -262,12 +269,13 @@ class TrainProgress(keras.callbacks.Callback):
                 state.reset_epoch_statistics()
                 return tf.constant(True)
 
-            return tf.cond(re_entered, lambda: tf.constant(False), start)
+            tf.cond(re_entered, lambda: tf.constant(False), start)
+            return state.observed_values()
 
         self._begin_epoch = compiled_after_first_call(begin_epoch)
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        self._begin_epoch(tf.constant(epoch, tf.int64))
+        self.model.build_train_state().observe(self._begin_epoch(tf.constant(epoch, tf.int64)))
 
 
 class EpochProgbar(keras.callbacks.ProgbarLogger):

@@ -5,8 +5,9 @@ per-epoch gradient statistics and the first bad step), which callbacks read betw
 executions and checkpoints save.
 
 The statistics and the first bad step are one packed vector (`TrainState.stats`): the
-step reads and writes it once (`TrainState.record_step`), and a callback reads it once
-per execution (`TrainState.snapshot`), however many layers the model has.
+step reads and writes it once (`TrainState.record_step`), however many layers the model
+has. Each execution returns it with the step counter (`TrainState.observe`), so the
+callbacks between executions read it with no op of their own.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class TrainState(tf.Module):
         self.global_batch = variable(0, tf.int64)  # batches consumed in the run
         self.skip_batches = variable(0, tf.int64)  # batches still to pass over without training
         self.stats = variable(self._initial_stats(), tf.float64)
+        # `[global_batch, *stats]` as the train function left them (`observe`); None: read the variables.
+        self._observed: tf.Tensor | None = None
 
     def _initial_stats(self) -> np.ndarray:
         return np.concatenate([np.zeros(LAST + 1 + self.layers), NO_BAD_STEP, np.zeros(self.layers)])
@@ -113,11 +116,35 @@ class TrainState(tf.Module):
         self.stats.assign(tf.concat([epoch, halted, last, bad_step], axis=0))
         return ~bad & ~was_halted
 
+    def observed_values(self) -> tf.Tensor:
+        """In a compiled function that writes the state (the train function, after its
+        steps): `[global_batch, *stats]`, for `observe`."""
+        return tf.concat([tf.cast(self.global_batch.read_value(), tf.float64)[None], self.stats.read_value()], 0)
+
+    def observe(self, values: tf.Tensor) -> None:
+        """Take `values` (`observed_values`, returned by the compiled function that just
+        wrote the state) as the state until `forget_observed`: callbacks between
+        executions then read a tensor already on the host instead of the variables. Each
+        eager variable read is an op dispatch, 0.1-1 ms on 2 busy cores, and callbacks
+        made three an execution."""
+        self._observed = values
+
+    def forget_observed(self) -> None:
+        """The state is being written outside the train function: read the variables again."""
+        self._observed = None
+
+    def steps_done(self) -> int:
+        """`global_batch`: the batches consumed in the run."""
+        if self._observed is None:
+            return int(self.global_batch.numpy())
+        return int(self._observed.numpy()[0])
+
     def reset_epoch_statistics(self) -> None:
         self.stats.assign(tf.concat([tf.zeros([EPOCH_STATISTICS], tf.float64), self.stats[EPOCH_STATISTICS:]], 0))
 
     def clear_bad_step(self) -> None:
         """Forget the first bad step and resume updates after a halt."""
+        self.forget_observed()
         stats = self.stats.read_value()
         self.stats.assign(tf.concat([stats[:HALTED], tf.zeros([1], tf.float64), stats[LAST:self._bad],
                                      tf.constant(NO_BAD_STEP, tf.float64), tf.zeros([self.layers], tf.float64)], 0))
@@ -125,14 +152,17 @@ class TrainState(tf.Module):
     def re_enter_epoch(self) -> None:
         """Continue mid-epoch after a restore: the epoch's data iterator starts from its
         first batch, so pass over the `batch` batches already trained on."""
+        self.forget_observed()
         done = self.batch.read_value()
         self.skip_batches.assign(done)
         self.global_batch.assign_sub(done)
         self.batch.assign(0)
 
     def snapshot(self) -> Snapshot:
-        """The statistics and first bad step as Python values: one read of `stats`."""
-        values, bad = self.stats.numpy(), self._bad
+        """The statistics and first bad step as Python values: one read of `stats`, or
+        none where the train function's own read is at hand (`observe`)."""
+        values = self.stats.numpy() if self._observed is None else self._observed.numpy()[1:]
+        bad = self._bad
         count = values[NORM_COUNT]
         return Snapshot(
             halted=bool(values[HALTED] > 0),
