@@ -36,6 +36,10 @@ from pipeline.training.guarded import compiled_after_first_call
 
 log = logging.getLogger(__name__)
 
+# A new run whose checkpoint directory another process is training into.
+NEW_RUN_REMEDY = ("give this run a callbacks.checkpoint.directory of its own, or leave it unset: each job then "
+                  "checkpoints into its own output directory")
+
 
 class Checkpointing(keras.callbacks.Callback):
     """Save the training state every `every_n_steps` steps and at every epoch's end,
@@ -82,7 +86,7 @@ class Checkpointing(keras.callbacks.Callback):
 
     # -- set up by the pipeline, before fit ----------------------------------------
     def open(self, directory: Path, model, callbacks: list[keras.callbacks.Callback],
-             scratch_directory: Path | None = None) -> None:
+             scratch_directory: Path | None = None, resuming: bool = False) -> None:
         """Use `directory` (created, and checked writable) for `model`, a built
         `GuardedModel` with its optimizer, and save the state of `callbacks` that have any.
 
@@ -92,7 +96,8 @@ class Checkpointing(keras.callbacks.Callback):
         copy is kept (TensorFlow's multi-worker checkpointing guidance).
 
         The chief holds `directory` (`checkpoint_store.hold`) until `release`: a second
-        process training into it is refused before it changes anything."""
+        process training into it is refused before it changes anything, with advice
+        for a resume (`resuming`) or for a new run."""
         self._scratch_directory = None if scratch_directory is None else str(scratch_directory)
         writes_to = directory if scratch_directory is None else scratch_directory
         try:
@@ -105,7 +110,7 @@ class Checkpointing(keras.callbacks.Callback):
                                 f"{error.strerror or error}") from None
         if scratch_directory is None:
             self.release()
-            self._held = hold(directory)
+            self._held = hold(directory) if resuming else hold(directory, NEW_RUN_REMEDY)
         self.directory = str(directory)
         self.set_model(model)
         self.stateful_callbacks = [c for c in callbacks if callable(getattr(c, "checkpoint_state", None))]

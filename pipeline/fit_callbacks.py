@@ -163,4 +163,5 @@ class FitCallbacks:
                 self.checkpointing.close()
 
     def _open_checkpoints(self, plan: RunPlan, directory: Path, guarded: GuardedModel) -> None:
-        self.checkpointing.open(directory, guarded, self.configured, plan.scratch_checkpoint_dir(directory))
+        self.checkpointing.open(directory, guarded, self.configured, plan.scratch_checkpoint_dir(directory),
+                                resuming=plan.resume is not None)

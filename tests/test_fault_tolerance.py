@@ -314,11 +314,19 @@ def test_a_run_still_training_is_not_resumed_by_a_second_process(tfds_dir: str, 
     try:
         with pytest.raises(PipelineError) as error:
             train(compose_plan([f"resume={run.info.run_id}", "trainer.epochs=3"]))
+        with pytest.raises(PipelineError) as new_run_error:  # a new run given the same directory
+            train(compose_plan([f"dataset.data_dir={tfds_dir}", *FAST, f"callbacks.checkpoint.directory={directory}"]))
     finally:
         held.close()
     assert str(error.value).startswith(f"checkpoints {directory} are in use by pid {os.getpid()} on ")
+    assert str(error.value).endswith("Let that process end, or stop it (its checkpoints stay), then resume")
+    assert str(new_run_error.value).startswith(f"checkpoints {directory} are in use by pid {os.getpid()} on ")
+    assert str(new_run_error.value).endswith("Give this run a callbacks.checkpoint.directory of its own, or leave "
+                                             "it unset: each job then checkpoints into its own output directory")
     after = client.get_run(run.info.run_id)
     assert after.info.status == "FINISHED" and "resumed_with_epochs" not in after.data.tags, "the run was not touched"
+    others = [r.info.status for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert others == ["FAILED"], "the refused new run is closed, not left RUNNING"
     assert histories(client, run.info.run_id) == before
 
     train(compose_plan([f"resume={run.info.run_id}", "trainer.epochs=3"]))  # released: it resumes

@@ -121,7 +121,8 @@ def read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
                         "resume with the version that wrote it")
 
 
-def hold(directory: Path) -> IO[str]:
+def hold(directory: Path, remedy: str = "let that process end, or stop it (its checkpoints stay), then resume"
+         ) -> IO[str]:
     """An exclusive lock on `directory` for this process (`flock` on `directory/.lock`,
     which names the holder), until the returned file is closed. Two processes training
     into one directory (`resume=` of a run that is still training, the same run resumed
@@ -130,7 +131,8 @@ def hold(directory: Path) -> IO[str]:
     the lock when its holder ends, kill -9 included, so a crashed run resumes at once.
 
     Raises:
-        PipelineError: another process holds it; the message names that process.
+        PipelineError: another process holds it; the message names that process, and
+            ends with `remedy`.
     """
     import fcntl
 
@@ -142,7 +144,7 @@ def hold(directory: Path) -> IO[str]:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise PipelineError(f"checkpoints {directory} are in use by {holder}: a run trains in one process at a "
-                            "time. Let that process end, or stop it (its checkpoints stay), then resume") from None
+                            f"time. {remedy[:1].upper()}{remedy[1:]}") from None
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
     handle.flush()
