@@ -37,7 +37,7 @@ from pipeline.training.guarded import compiled_after_first_call
 log = logging.getLogger(__name__)
 
 # A new run whose checkpoint directory another process is training into.
-NEW_RUN_REMEDY = ("give this run a callbacks.checkpoint.directory of its own, or leave it unset: each job then "
+NEW_RUN_REMEDY = ("Give this run a callbacks.checkpoint.directory of its own, or leave it unset: each job then "
                   "checkpoints into its own output directory")
 
 

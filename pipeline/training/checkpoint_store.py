@@ -121,7 +121,7 @@ def read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
                         "resume with the version that wrote it")
 
 
-def hold(directory: Path, remedy: str = "let that process end, or stop it (its checkpoints stay), then resume"
+def hold(directory: Path, remedy: str = "Let that process end, or stop it (its checkpoints stay), then resume"
          ) -> IO[str]:
     """An exclusive lock on `directory` for this process (`flock` on `directory/.lock`,
     which names the holder), until the returned file is closed. Two processes training
@@ -144,7 +144,7 @@ def hold(directory: Path, remedy: str = "let that process end, or stop it (its c
         holder = handle.read().strip() or "another process"
         handle.close()
         raise PipelineError(f"checkpoints {directory} are in use by {holder}: a run trains in one process at a "
-                            f"time. {remedy[:1].upper()}{remedy[1:]}") from None
+                            f"time. {remedy}") from None
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
     handle.flush()

@@ -124,9 +124,9 @@ class TrainState(tf.Module):
     def observe(self, values: tf.Tensor) -> None:
         """Take `values` (`observed_values`, returned by the compiled function that just
         wrote the state) as the state until `forget_observed`: callbacks between
-        executions then read a tensor already on the host instead of the variables. Each
-        eager variable read is an op dispatch, 0.1-1 ms on 2 busy cores, and callbacks
-        made three an execution."""
+        executions then read a tensor already on the host instead of the variables (each
+        eager read of a variable is an op dispatch, 0.1-1 ms on 2 busy cores; the guard
+        and the checkpoints would make three an execution)."""
         self._observed = values
 
     def forget_observed(self) -> None:
@@ -134,7 +134,7 @@ class TrainState(tf.Module):
         self._observed = None
 
     def steps_done(self) -> int:
-        """`global_batch`: the batches consumed in the run."""
+        """`global_batch`, the batches consumed in the run, as `snapshot` reads it."""
         if self._observed is None:
             return int(self.global_batch.numpy())
         return int(self._observed.numpy()[0])
