@@ -36,7 +36,9 @@ from pipeline.training.guarded import compiled_after_first_call
 
 log = logging.getLogger(__name__)
 
-# A new run whose checkpoint directory another process is training into.
+# What to do when another process is training into the checkpoint directory
+# (`checkpoint_store.hold`): a resume of a run still training, or a new run given its directory.
+RESUME_REMEDY = "Let that process end, or stop it (its checkpoints stay), then resume"
 NEW_RUN_REMEDY = ("Give this run a callbacks.checkpoint.directory of its own, or leave it unset: each job then "
                   "checkpoints into its own output directory")
 
@@ -110,7 +112,7 @@ class Checkpointing(keras.callbacks.Callback):
                                 f"{error.strerror or error}") from None
         if scratch_directory is None:
             self.release()
-            self._held = hold(directory) if resuming else hold(directory, NEW_RUN_REMEDY)
+            self._held = hold(directory, RESUME_REMEDY if resuming else NEW_RUN_REMEDY)
         self.directory = str(directory)
         self.set_model(model)
         self.stateful_callbacks = [c for c in callbacks if callable(getattr(c, "checkpoint_state", None))]

@@ -310,7 +310,7 @@ def test_a_run_still_training_is_not_resumed_by_a_second_process(tfds_dir: str, 
     directory = Path(run.data.tags["checkpoint_dir"])
     before = histories(client, run.info.run_id)
 
-    held = checkpoint_store.hold(directory)
+    held = checkpoint_store.hold(directory, "let it end")
     try:
         with pytest.raises(PipelineError) as error:
             train(compose_plan([f"resume={run.info.run_id}", "trainer.epochs=3"]))
@@ -337,16 +337,16 @@ def test_the_lock_goes_with_its_process_even_after_kill_9(tmp_path: Path) -> Non
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from pipeline.training.checkpoint_store import hold; "
-         "held = hold(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+         "held = hold(Path(sys.argv[1]), 'let it end'); print('held', flush=True); time.sleep(600)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(PipelineError, match=f"in use by pid {holder.pid} on "):
-            checkpoint_store.hold(tmp_path)
+            checkpoint_store.hold(tmp_path, "let it end")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    checkpoint_store.hold(tmp_path).close()
+    checkpoint_store.hold(tmp_path, "let it end").close()
 
 
 def test_checkpoint_of_another_layout_fails_in_one_line_and_is_left_as_it_was(tmp_path: Path, caplog) -> None:

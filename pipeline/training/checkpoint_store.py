@@ -121,8 +121,7 @@ def read_all(checkpoint: tf.train.Checkpoint, path: str) -> None:
                         "resume with the version that wrote it")
 
 
-def hold(directory: Path, remedy: str = "Let that process end, or stop it (its checkpoints stay), then resume"
-         ) -> IO[str]:
+def hold(directory: Path, remedy: str) -> IO[str]:
     """An exclusive lock on `directory` for this process (`flock` on `directory/.lock`,
     which names the holder), until the returned file is closed. Two processes training
     into one directory (`resume=` of a run that is still training, the same run resumed
