@@ -9,6 +9,8 @@ fix then ends as a single `error: ...` line and a non-zero exit (2 for config mi
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import itertools
 import logging
@@ -63,20 +65,36 @@ def unclaimed_dir(path: str) -> str:
     they are named to the second, and jobs started in the same second would otherwise
     share one, their checkpoints, logs and `.hydra/` mixed. Registered with a cache, so
     one config claims one directory (Hydra copies the cache to each job of a sweep). If
-    the parent cannot be created, `path` is returned for Hydra to fail on with its error."""
+    the parent cannot be created, `path` is returned for Hydra to fail on with its error.
+
+    A directory claimed but still empty when the process exits (`--cfg hydra --resolve`
+    resolves both the run's and the sweep's) is removed, with the parents created for it."""
     base = Path(path)
     try:
+        created = [parent for parent in reversed(base.parents) if not parent.exists()]
         base.parent.mkdir(parents=True, exist_ok=True)
         for number in itertools.count(1):
             candidate = base if number == 1 else base.with_name(f"{base.name}_{number}")
             try:
                 candidate.mkdir()
-                return str(candidate)
             except FileExistsError:
                 continue
+            if not _claimed:
+                atexit.register(_remove_unused_claims)
+            _claimed.extend(d.absolute() for d in [candidate, *reversed(created)])
+            return str(candidate)
     except OSError:
         pass
     return path
+
+
+_claimed: list[Path] = []  # by `unclaimed_dir`, innermost first
+
+
+def _remove_unused_claims() -> None:
+    for directory in _claimed:
+        with contextlib.suppress(OSError):  # not empty (used), or already gone
+            directory.rmdir()
 
 
 OmegaConf.register_new_resolver("unclaimed_dir", unclaimed_dir, use_cache=True, replace=True)

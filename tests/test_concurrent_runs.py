@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra.core.utils
 import pytest
+from conftest import run_module
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -55,3 +56,13 @@ def test_jobs_composed_in_the_same_second_claim_directories_of_their_own(
 def test_an_unwritable_parent_is_left_for_hydra_to_report(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     assert cli.unclaimed_dir(str(tmp_path / "file" / "run")) == str(tmp_path / "file" / "run")
+
+
+def test_printing_the_resolved_hydra_config_leaves_no_directory_behind(tmp_path: Path) -> None:
+    (tmp_path / "outputs").mkdir()  # a parent that was there before stays
+    printed = run_module("pipeline.train", "--cfg", "hydra", "--resolve", cwd=tmp_path, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    claimed = [line.split()[-1] for line in printed.stdout.splitlines() if line.strip().startswith("dir: ")]
+    assert [directory.split("/")[0] for directory in claimed] == ["outputs", "multirun"], printed.stdout[:500]
+    assert [path.name for path in tmp_path.iterdir()] == ["outputs"]
+    assert not any((tmp_path / "outputs").iterdir())
