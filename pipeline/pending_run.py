@@ -40,6 +40,7 @@ import keras
 
 from pipeline import store_uri
 from pipeline.errors import one_line
+from pipeline.heavy_imports import first_import
 from pipeline.plan import RunPlan
 
 if TYPE_CHECKING:
@@ -76,8 +77,9 @@ class PendingRun:
         self._start_after.wait()
         try:
             # MLflow, its store's modules, and what `open` records with, imported here.
-            from pipeline import summary, tracking  # noqa: F401
-            from pipeline.tracking import provenance  # noqa: F401
+            with first_import("pipeline.summary", "pipeline.tracking", "pipeline.tracking.provenance"):
+                from pipeline import summary, tracking  # noqa: F401
+                from pipeline.tracking import provenance  # noqa: F401
 
             self._experiment_id.set_result(tracking.connect(self._started[0].cfg.mlflow))
         except BaseException as error:  # raised in the training thread, by `open`

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -79,6 +80,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 1 if item.get_closest_marker("slow") else 2
 
     items.sort(key=rank)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection imported (TensorFlow, Keras, MLflow: ~500k objects) lives as long as
+    the session: frozen out of every later garbage collection, as `pipeline.heavy_imports`
+    does in a training process, so that the collections in each test scan what it made."""
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
