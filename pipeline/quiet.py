@@ -44,8 +44,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.heavy_imports import first_import
-
 # Said by TensorFlow's CUDA probing when there is no GPU to find, at any log level.
 CUDA_PROBING = re.compile(
     rb"cuInit|Could not find cuda drivers|cuda_platform\.cc|cudart_stub\.cc|TF-TRT Warning"
@@ -74,6 +72,8 @@ def import_tensorflow() -> None:
     if _tensorflow_loaded:
         return
     filtering = filtered_stderr(drop_info=_min_log_level() >= 1) if filtering_wanted() else contextlib.nullcontext()
+    from pipeline.heavy_imports import first_import  # here: this file also runs alone, as the filter (-I -S)
+
     with filtering, first_import("tensorflow"):  # without garbage collections through its objects
         import tensorflow as tf
 
