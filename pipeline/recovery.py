@@ -15,10 +15,12 @@ from pipeline.errors import ConfigError
 from pipeline.redact import redact
 
 # What a resume or reproduction may change: which run, where the store is, determinism,
-# how it is distributed (e.g. resume a multi-worker run on one device) and (a resume,
-# only upwards) the epochs.
+# how it is distributed (e.g. resume a multi-worker run on one device), where the data
+# lies (a TFDS dataset is its name and version, which the code pins: another directory
+# holds the same data) and (a resume, only upwards) the epochs.
 KEPT_CONFIG_OVERRIDES = ("resume=", "reproduce=", "trainer.epochs=", "mlflow.tracking_uri=",
-                         "mlflow.experiment_name=", "determinism=", "distribution=", "distribution.", "hydra.")
+                         "mlflow.experiment_name=", "determinism=", "distribution=", "distribution.", "hydra.",
+                         "dataset.data_dir=")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def resumed(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Resume, DictConf
     from pipeline import tracking
 
     _refuse_changes(f"resume={cfg.resume}", "a resumed run keeps its recorded config; only trainer.epochs may "
-                    "be raised", overrides)
+                    "be raised (and dataset.data_dir name where its data lies now)", overrides)
     experiment_id = tracking.connect(cfg.mlflow)
     if cfg.resume == "last":
         runs = MlflowClient().search_runs([experiment_id],
@@ -59,7 +61,7 @@ def resumed(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Resume, DictConf
     checkpoint_dir = run.data.tags.get("checkpoint_dir")
     if not checkpoint_dir:
         raise ConfigError(f"resume={cfg.resume}: run {run_id} saved no checkpoints (callbacks.checkpoint was off)")
-    recorded = _recorded_config("resume", cfg, run_id)
+    recorded = _recorded_config("resume", cfg, run_id, overrides)
     if any(o.startswith("trainer.epochs=") for o in overrides):
         if cfg.trainer.epochs < recorded.trainer.epochs:
             raise ConfigError(f"resume={cfg.resume}: trainer.epochs may only be raised (the run was configured "
@@ -76,7 +78,7 @@ def reproduced(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, s
     _refuse_changes(f"reproduce={cfg.reproduce}", "a reproduction uses the run's recorded config", overrides)
     tracking.connect(cfg.mlflow)
     run = _get_run("reproduce", cfg.reproduce)
-    return _recorded_config("reproduce", cfg, run.info.run_id), run.data.tags.get("architecture", "")
+    return _recorded_config("reproduce", cfg, run.info.run_id, overrides), run.data.tags.get("architecture", "")
 
 
 def _refuse_changes(what: str, why: str, overrides: Sequence[str]) -> None:
@@ -96,8 +98,9 @@ def _get_run(key: str, run_id: str):
                           f"{redact(mlflow.get_tracking_uri())}") from None
 
 
-def _recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:
-    """`config.yaml` of run `run_id`, with this invocation's store, determinism and distribution."""
+def _recorded_config(key: str, cfg: DictConfig, run_id: str, overrides: Sequence[str]) -> DictConfig:
+    """`config.yaml` of run `run_id`, with this invocation's store, determinism and
+    distribution, and its `dataset.data_dir` where `overrides` set one."""
     import mlflow
 
     try:
@@ -110,4 +113,6 @@ def _recorded_config(key: str, cfg: DictConfig, run_id: str) -> DictConfig:
     recorded.mlflow.tracking_uri = cfg.mlflow.tracking_uri
     if cfg.get("distribution") is not None:  # how to run it, not what to train: this invocation's
         recorded.distribution = cfg.distribution
+    if any(o.lstrip("+~").startswith("dataset.data_dir=") for o in overrides):
+        recorded.dataset.data_dir = cfg.dataset.data_dir
     return recorded

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import REPO, TrainedRun
+from conftest import REPO, TrainedRun, compose_plan
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
@@ -154,7 +154,7 @@ def test_resume_refuses_changes_and_loses_nothing(finished_run: str, tfds_dir: s
     code, lines = run_cli([f"resume={finished_run}", "optimizer.lr=0.1"], capsys)
     assert code == 2 and error_lines(lines) == [
         f"error: resume={finished_run}: a resumed run keeps its recorded config; only trainer.epochs may be "
-        "raised. Received: optimizer.lr=0.1"
+        "raised (and dataset.data_dir name where its data lies now). Received: optimizer.lr=0.1"
     ]
     code, lines = run_cli([f"resume={finished_run}", "trainer.epochs=1"], capsys)
     assert code == 2 and error_lines(lines) == [
@@ -164,6 +164,18 @@ def test_resume_refuses_changes_and_loses_nothing(finished_run: str, tfds_dir: s
     assert after.info.status == before.info.status == "FINISHED"
     assert after.data.metrics == before.data.metrics
     assert tf.train.get_checkpoint_state(after.data.tags["checkpoint_dir"]).all_model_checkpoint_paths == checkpoints
+
+
+@pytest.mark.parametrize("key", ["resume", "reproduce"])
+def test_data_moved_elsewhere_is_named_on_resume_and_reproduce(key: str, finished_run: str, tfds_dir: str,
+                                                              tmp_path: Path) -> None:
+    # Where the data lies is not what the run trained on: the error for data that is not
+    # there says to set dataset.data_dir, and a resume or reproduction takes it.
+    moved = tmp_path / "moved_tfds"
+    plan = compose_plan([f"{key}={finished_run}", f"dataset.data_dir={moved}"])
+    assert plan.cfg.dataset.data_dir == str(moved)
+    assert compose_plan([f"{key}={finished_run}"]).cfg.dataset.data_dir == tfds_dir, "else the recorded one"
+    assert plan.cfg.optimizer == compose_plan([f"{key}={finished_run}"]).cfg.optimizer
 
 
 def test_every_checkpoint_corrupt_is_one_line(finished_run: str, capsys) -> None:
