@@ -10,7 +10,9 @@ MLflow's store and the summary after it, full collections took ~1.5 s of a 13.7 
 `first_import` pauses the collector for such an import and then moves everything
 alive into the permanent generation (`gc.freeze`), which later collections skip. What
 the imports leave is kept for the process's life anyway; what training creates
-afterwards is collected as usual.
+afterwards is collected as usual. Cyclic garbage that other threads make during the
+block (the first step's tracing, beside MLflow's imports) is frozen with it, once a
+process: a smoke run's peak memory grew by 3 MB of its 950 MB.
 """
 
 from __future__ import annotations
