@@ -175,6 +175,8 @@ def test_data_moved_elsewhere_is_named_on_resume_and_reproduce(key: str, finishe
     plan = compose_plan([f"{key}={finished_run}", f"dataset.data_dir={moved}"])
     assert plan.cfg.dataset.data_dir == str(moved)
     assert compose_plan([f"{key}={finished_run}"]).cfg.dataset.data_dir == tfds_dir, "else the recorded one"
+    default = compose_plan([f"{key}={finished_run}", "dataset.data_dir=null"]).cfg.dataset.data_dir
+    assert default is None, "null: back to TFDS's default directory"
     assert plan.cfg.optimizer == compose_plan([f"{key}={finished_run}"]).cfg.optimizer
 
 
