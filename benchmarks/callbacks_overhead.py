@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -54,27 +53,23 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="write the figures into README.md")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    results, spread, by_median = {}, {}, {}
+    results = {}
     steadiness = host_steadiness()
     print(steadiness, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         store, data_dir = Path(tmp) / "mlflow.db", str(Path(tmp) / "tfds")
         for architecture in args.architectures:
             print(f"{architecture}: {args.pairs} interleaved pairs (callbacks=none, then default)", flush=True)
-            ratios = interleaved(args.pairs,
-                                 candidate=lambda a=architecture: throughput(a, "default", store, data_dir),
-                                 baseline=lambda a=architecture: throughput(a, "none", store, data_dir))
-            results[architecture] = statistics.median(best for best, _ in ratios)
-            spread[architecture] = min(best for best, _ in ratios), max(best for best, _ in ratios)
-            by_median[architecture] = statistics.median(median for _, median in ratios)
-    summary = ", ".join(f"{name} {ratio:.2f}" for name, ratio in results.items())
+            results[architecture] = interleaved(
+                args.pairs, candidate=lambda a=architecture: throughput(a, "default", store, data_dir),
+                baseline=lambda a=architecture: throughput(a, "none", store, data_dir))
+    summary = ", ".join(f"{name} {ratio.median:.2f}" for name, ratio in results.items())
     if args.readme:
         update_readme("callbacks", "\n".join([
             "| architecture | default callbacks / `callbacks=none` throughput | target |", "| --- | --- | --- |",
-            *[f"| `{name}` | {ratio:.2f}× (pairs {spread[name][0]:.2f}–{spread[name][1]:.2f}) | ≥ 0.97× |"
-              for name, ratio in results.items()],
+            *[f"| `{name}` | {ratio.cell('pairs')} | ≥ 0.97× |" for name, ratio in results.items()],
             "", f"Median of {args.pairs} interleaved pairs, each run's fastest steady epoch; with median epochs "
-            "instead: " + ", ".join(f"{name} {ratio:.2f}" for name, ratio in by_median.items())
+            "instead: " + ", ".join(f"{name} {ratio.by_median_epochs:.2f}" for name, ratio in results.items())
             + f". On {machine()}; {steadiness}.",
         ]))
     print(f"callbacks on/off throughput ratio: {summary} (median of {args.pairs} interleaved pairs)")

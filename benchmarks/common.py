@@ -124,12 +124,32 @@ def interleaved_runs(rounds: int, runs: dict[str, Callable[[], Throughput]]) -> 
     return results
 
 
-def interleaved(pairs: int, candidate: Callable[[], Throughput],
-                baseline: Callable[[], Throughput]) -> list[tuple[float, float]]:
-    """Run baseline and candidate `pairs` times, in turning order; return each pair's
-    candidate/baseline ratio of (best-epoch, median-epoch) throughput."""
+@dataclass(frozen=True)
+class Ratio:
+    """A candidate/baseline throughput ratio over interleaved rounds: the median of the
+    rounds' fastest-epoch ratios (the figure), their lowest and highest, and the median
+    of the rounds' median-epoch ratios."""
+
+    median: float
+    low: float
+    high: float
+    by_median_epochs: float
+
+    @classmethod
+    def of(cls, rounds: list[dict[str, Throughput]], candidate: str, baseline: str) -> Ratio:
+        best = [r[candidate].best / r[baseline].best for r in rounds]
+        return cls(statistics.median(best), min(best), max(best),
+                   statistics.median(r[candidate].median / r[baseline].median for r in rounds))
+
+    def cell(self, unit: str) -> str:
+        """For a README table: `0.93× (pairs 0.75–1.11)`."""
+        return f"{self.median:.2f}× ({unit} {self.low:.2f}–{self.high:.2f})"
+
+
+def interleaved(pairs: int, candidate: Callable[[], Throughput], baseline: Callable[[], Throughput]) -> Ratio:
+    """Run baseline and candidate `pairs` times, in turning order: their throughput ratio."""
     rounds = interleaved_runs(pairs, {"baseline": baseline, "candidate": candidate})
-    return [(r["candidate"].best / r["baseline"].best, r["candidate"].median / r["baseline"].median) for r in rounds]
+    return Ratio.of(rounds, "candidate", "baseline")
 
 
 def machine() -> str:

@@ -34,13 +34,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
 from pathlib import Path
 
 from benchmarks.common import (
     TRAIN_EXAMPLES,
     EpochTimer,
+    Ratio,
     Throughput,
     host_steadiness,
     interleaved_runs,
@@ -144,8 +144,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="write the figures into README.md")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    best, median = {"bare": {}, "tuned": {}}, {"bare": {}, "tuned": {}}  # baseline -> architecture -> ratio
-    spread = {"bare": {}, "tuned": {}}  # baseline -> architecture -> (lowest, highest) round's ratio
+    ratios: dict[str, dict[str, Ratio]] = {"bare": {}, "tuned": {}}  # baseline -> architecture -> pipeline/baseline
     steadiness = host_steadiness()
     print(steadiness, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,37 +157,30 @@ def main() -> None:
                 "tuned": lambda a=architecture: tuned_fit_throughput(a, data_dir),
                 "pipeline": lambda a=architecture: pipeline_throughput(a, Path(tmp) / "mlflow.db", data_dir),
             })
-            for baseline in best:
-                ratios = [r["pipeline"].best / r[baseline].best for r in rounds]
-                best[baseline][architecture] = statistics.median(ratios)
-                spread[baseline][architecture] = (min(ratios), max(ratios))
-                median[baseline][architecture] = statistics.median(
-                    r["pipeline"].median / r[baseline].median for r in rounds)
+            for baseline, by_architecture in ratios.items():
+                by_architecture[architecture] = Ratio.of(rounds, "pipeline", baseline)
 
-    def figures(ratios: dict[str, float]) -> str:
-        return ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
-
-    def cell(baseline: str, name: str) -> str:
-        low, high = spread[baseline][name]
-        return f"{best[baseline][name]:.2f}× (rounds {low:.2f}–{high:.2f})"
+    def figures(baseline: str, by_median_epochs: bool = False) -> str:
+        return ", ".join(f"{name} {ratio.by_median_epochs if by_median_epochs else ratio.median:.2f}"
+                         for name, ratio in ratios[baseline].items())
 
     if args.readme:
         update_readme("overhead", "\n".join([
             "| architecture | pipeline / bare `model.fit` | target | pipeline / tuned `model.fit` | target |",
             "| --- | --- | --- | --- | --- |",
-            *[f"| `{name}` | {cell('bare', name)} | ≥ {TARGETS['bare'].get(name, 1.0):.2f}× "
-              f"| {cell('tuned', name)} | ≥ {TARGETS['tuned'].get(name, 0.97):.2f}× |"
+            *[f"| `{name}` | {ratios['bare'][name].cell('rounds')} | ≥ {TARGETS['bare'].get(name, 1.0):.2f}× "
+              f"| {ratios['tuned'][name].cell('rounds')} | ≥ {TARGETS['tuned'].get(name, 0.97):.2f}× |"
               for name in args.architectures],
             "", f"Throughput ratios, median of {args.pairs} interleaved rounds, each run's fastest steady epoch; "
-                f"with median epochs instead: bare {figures(median['bare'])}, tuned {figures(median['tuned'])}. "
+                f"with median epochs instead: bare {figures('bare', True)}, tuned {figures('tuned', True)}. "
                 f"On {machine()}; {steadiness}.",
         ]))
     print("rounds' lowest-highest pipeline/tuned_fit: " + ", ".join(
-        f"{name} {low:.2f}-{high:.2f}" for name, (low, high) in spread["tuned"].items()))
-    print(f"with each run's median epoch instead of its fastest: pipeline/bare_fit {figures(median['bare'])}; "
-          f"pipeline/tuned_fit {figures(median['tuned'])}")
-    print(f"pipeline/bare_fit throughput ratio: {figures(best['bare'])}; pipeline/tuned_fit: "
-          f"{figures(best['tuned'])} (median of {args.pairs} interleaved rounds)")
+        f"{name} {ratio.low:.2f}-{ratio.high:.2f}" for name, ratio in ratios["tuned"].items()))
+    print(f"with each run's median epoch instead of its fastest: pipeline/bare_fit {figures('bare', True)}; "
+          f"pipeline/tuned_fit {figures('tuned', True)}")
+    print(f"pipeline/bare_fit throughput ratio: {figures('bare')}; pipeline/tuned_fit: "
+          f"{figures('tuned')} (median of {args.pairs} interleaved rounds)")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 
 def paired(pairs: int, candidate, baseline) -> float:
     """The median over interleaved pairs of the fastest-epoch throughput ratio."""
-    return statistics.median(best for best, _ in interleaved(pairs, candidate, baseline))
+    return interleaved(pairs, candidate, baseline).median
 
 
 def main() -> None:
