@@ -48,9 +48,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    from pipeline import data, tracking
+    from pipeline import data, store_uri
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow.tracking_uri))
+    mlflow.set_tracking_uri(store_uri.tracking_uri_exporting_credentials(cfg.mlflow.tracking_uri))
     try:
         model = mlflow.pyfunc.load_model(cfg.model)
     except Exception as error:  # unknown name/alias/run, unreadable artifacts, bad URI

@@ -79,10 +79,10 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
     import mlflow
     import tensorflow_datasets as tfds
 
-    from pipeline import data, tracking
+    from pipeline import data, store_uri
     from pipeline.figures import plots
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow.tracking_uri))
+    mlflow.set_tracking_uri(store_uri.tracking_uri_exporting_credentials(cfg.mlflow.tracking_uri))
     model = load_keras_model(cfg.model)
     try:
         names = list(cfg.layers) or activations.layer_names(model)

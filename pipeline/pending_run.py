@@ -70,7 +70,8 @@ class PendingRun:
         self._run_id: str | None = None
         self._on_open: list[Callable[[str], None]] = []
         self._experiment_id: Future[str] = Future()
-        store_uri.require_server(store_uri.tracking_uri(plan.cfg.mlflow.tracking_uri))  # no training without it
+        # No training without the store: a tracking server must answer now.
+        store_uri.require_server(store_uri.tracking_uri_exporting_credentials(plan.cfg.mlflow.tracking_uri))
         threading.Thread(target=self._connect, name="open-mlflow-store", daemon=True).start()
 
     def _connect(self) -> None:

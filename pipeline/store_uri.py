@@ -10,13 +10,14 @@ from pipeline.errors import PipelineError
 from pipeline.redact import redact, split_credentials
 
 
-def tracking_uri(configured: str | None) -> str:
-    """The configured URI, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`.
+def tracking_uri_exporting_credentials(configured: str | None) -> str:
+    """The configured URI, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`,
+    with a tracking server's credentials moved into this process's environment.
 
-    A tracking server's credentials (`http://user:password@host`) move out of the URI
-    into MLflow's `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD` (HTTP basic auth,
-    inherited by sweep workers), so that the URI MLflow keeps, records and prints (e.g.
-    "View run ... at: <uri>") holds none.
+    The credentials (`http://user:password@host`) move out of the URI into MLflow's
+    `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD` (HTTP basic auth, inherited by
+    sweep workers), and `$MLFLOW_TRACKING_URI`, if set, is rewritten without them, so
+    that the URI MLflow keeps, records and prints (e.g. "View run ... at: <uri>") holds none.
     """
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
     if uri.startswith(("http://", "https://")):

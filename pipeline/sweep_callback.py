@@ -1,7 +1,7 @@
 """The Hydra callback every training process instantiates (`hydra.callbacks.sweep` in
 `conf/train.yaml`), light to import: a single run needs nothing of it, so it imports
 MLflow (about 1 s) only once its config is valid. A multirun hands every hook to
-`pipeline.tracking.sweep.SweepRuns`, which does the work:
+`pipeline.tracking.sweep.SweepRecorder`, which does the work:
 one MLflow parent run per sweep, a nested child per job, a summary at the end.
 """
 
@@ -17,15 +17,15 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from hydra.core.utils import JobReturn
 
-    from pipeline.tracking.sweep import SweepRuns as Sweep
+    from pipeline.tracking.sweep import SweepRecorder
 
 # hydra.callbacks.sweep.register: which jobs' models become registered versions.
 REGISTER_CHOICES = ("best", "all", "none")
 
 
-class SweepRuns(Callback):
+class SweepCallback(Callback):
     """Hydra callback: an MLflow parent run for a multirun and its summary
-    (`pipeline.tracking.sweep.SweepRuns`, created at the multirun's start and pickled
+    (`pipeline.tracking.sweep.SweepRecorder`, created at the multirun's start and pickled
     with this callback to joblib workers).
 
     Args:
@@ -48,12 +48,12 @@ class SweepRuns(Callback):
             raise ConfigError(f"hydra.callbacks.sweep.register must be best, all or none. Received: {register!r}")
         self.options = {"best_alias": best_alias, "direction": direction,
                         "fail_on_failed_jobs": fail_on_failed_jobs, "register": register}
-        self.sweep: Sweep | None = None  # a multirun's, from on_multirun_start
+        self.sweep: SweepRecorder | None = None  # a multirun's, from on_multirun_start
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from pipeline.tracking.sweep import SweepRuns as Sweep
+        from pipeline.tracking.sweep import SweepRecorder
 
-        self.sweep = Sweep(**self.options)
+        self.sweep = SweepRecorder(**self.options)
         self.sweep.on_multirun_start(config, **kwargs)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -15,7 +15,7 @@ from conftest import TrainedRun, compose_plan, run_module
 from mlflow.tracking import MlflowClient
 
 from pipeline import summary
-from pipeline.tracking.sweep import SweepRuns
+from pipeline.tracking.sweep import SweepRecorder
 from pipeline.train import train
 
 
@@ -102,12 +102,12 @@ def test_a_sweep_ends_with_the_block_of_its_parent_run(mlflow_store: str, capsys
         for key, value in {"final_val_accuracy": accuracy, "final_val_loss": 0.2, "test_accuracy": 0.9}.items():
             client.log_metric(child.info.run_id, key, value)
         client.set_terminated(child.info.run_id, "FINISHED")
-    callback = SweepRuns(best_alias=None, register="none")
-    callback.parent_run_id, callback.tracking_uri = parent, mlflow_store
-    callback.optimized_metric, callback.direction = "final_val_accuracy", "maximize"
+    recorder = SweepRecorder(best_alias=None, register="none")
+    recorder.parent_run_id, recorder.tracking_uri = parent, mlflow_store
+    recorder.optimized_metric, recorder.direction = "final_val_accuracy", "maximize"
 
     with pytest.raises(SystemExit):
-        callback.on_multirun_end(config=None)
+        recorder.on_multirun_end(config=None)
     printed = capsys.readouterr()
     rows = block_rows(printed.out)
     assert rows["sweep"] == f"sweep optimizer.lr=1e-3,1e-2,1e12 ({parent})"

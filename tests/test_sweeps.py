@@ -72,7 +72,7 @@ def test_optuna_search_space_composes() -> None:
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "final_val_accuracy"
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "architecture.dropout"}
-    assert cfg.hydra.callbacks.sweep._target_ == "pipeline.sweep_callback.SweepRuns"
+    assert cfg.hydra.callbacks.sweep._target_ == "pipeline.sweep_callback.SweepCallback"
 
 
 def test_debug_modes_shrink_every_split(tfds_dir: str) -> None:

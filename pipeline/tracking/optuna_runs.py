@@ -1,7 +1,7 @@
 """One Optuna study is one MLflow parent run, each trial one child run.
 
 The study's user attributes hold its parent's run id and tracking URI (`attach_parent`,
-called by `pipeline.tracking.sweep.SweepRuns` before the first trial), so a resumed
+called by `pipeline.tracking.sweep.SweepRecorder` before the first trial), so a resumed
 study, or a second worker on the same study, adds its children to the same parent.
 `Children` tags each trial's child with its Optuna state (`trial_state`), ends FAILED
 the children of trials whose process died, and puts Optuna's own figures on the parent.
@@ -28,7 +28,7 @@ TRACKING_URI_ATTR = "mlflow.tracking_uri"  # ... and the store it is in
 
 
 def parent_run(config: DictConfig, tracking_uri: str, create: Callable[[Mapping[str, str]], str]) -> str:
-    """A sweep's parent run (for `SweepRuns`): a new one from `create(tags)`, except under our
+    """A sweep's parent run (for `SweepRecorder`): a new one from `create(tags)`, except under our
     Optuna sweeper, where the study has one parent run across commands and workers. A bad
     search fails here in one line, before any run."""
     if not str(config.hydra.sweeper.get("_target_", "")).startswith("hydra_plugins.pipeline_optuna_sweeper."):

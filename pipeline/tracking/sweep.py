@@ -4,8 +4,8 @@
     python -m pipeline.train -m architecture=mlp,resnet hydra/launcher=joblib hydra.launcher.n_jobs=2
     python -m pipeline.train hparams_search=optuna
 
-`SweepRuns` is a Hydra callback (`hydra.callbacks.sweep` in `conf/train.yaml`, through the light
-`pipeline.sweep_callback`):
+`SweepRecorder` does the work of the Hydra callback `pipeline.sweep_callback.SweepCallback`
+(`hydra.callbacks.sweep` in `conf/train.yaml`), which hands it every hook of a multirun:
 
 - `on_multirun_start` (launching process): opens the tracking store and the experiment
   once, before any job (parallel jobs racing to create a fresh sqlite schema fail), and
@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.utils import JobReturn
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import cli, tracking
+from pipeline import cli, store_uri, tracking
 from pipeline.errors import one_line
 from pipeline.redact import redact, redact_command
 from pipeline.tracking import optuna_runs, sweep_resume
@@ -59,10 +58,11 @@ LOCK_RETRIES = 5
 T = TypeVar("T")
 
 
-class SweepRuns(Callback):
-    """Hydra callback: an MLflow parent run for a multirun and its summary. Configured
-    through `pipeline.sweep_callback.SweepRuns`, which checks the arguments (see there)
-    and imports this module only for a multirun."""
+class SweepRecorder:
+    """A multirun recorded in MLflow: its parent run, a child per job, the summary. Created
+    by the Hydra callback `pipeline.sweep_callback.SweepCallback`, which checks the
+    arguments (see there), imports this module only for a multirun and calls the hooks
+    below with Hydra's arguments."""
 
     def __init__(self, best_alias: str | None = "sweep-best", direction: str = "auto",
                  fail_on_failed_jobs: bool = True, register: str = "best") -> None:
@@ -99,7 +99,7 @@ class SweepRuns(Callback):
             self.experiment_id = tracking.connect(config.mlflow)
         except PipelineError as error:
             cli.fail(error, error.exit_code)  # no store: no job could log anything
-        self.tracking_uri = tracking.tracking_uri(config.mlflow.tracking_uri)
+        self.tracking_uri = store_uri.tracking_uri_exporting_credentials(config.mlflow.tracking_uri)
         _warn_if_parallel_on_sqlite(config, self.tracking_uri)
 
         sweep_dir = str(Path(str(config.hydra.sweep.dir)).absolute())

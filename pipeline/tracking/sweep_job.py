@@ -1,4 +1,4 @@
-"""A job of a Hydra sweep, as `pipeline.tracking.sweep.SweepRuns` sees it: how the job's
+"""A job of a Hydra sweep, as `pipeline.tracking.sweep.SweepRecorder` sees it: how the job's
 process learns its place in the sweep (`current_job`, read by the job's plan), how a job
 failed, which config keys the sweep varies, and the child runs a sweep left in the store.
 """
@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 
 # How a sweep job's process learns its parent run and its name: JSON
-# {"parent_run_id", "run_name", "tags", "register"}, set by `SweepRuns.on_job_start`,
+# {"parent_run_id", "run_name", "tags", "register"}, set by `SweepRecorder.on_job_start`,
 # read by `current_job` (the job's plan).
 SWEEP_JOB_ENV = "PIPELINE_SWEEP_JOB"
 
@@ -35,7 +35,7 @@ class SweepJob:
 
 
 def current_job() -> SweepJob | None:
-    """The sweep job this process runs (set by `SweepRuns.on_job_start`),
+    """The sweep job this process runs (set by `SweepRecorder.on_job_start`),
     or None outside a sweep."""
     raw = os.environ.get(SWEEP_JOB_ENV)
     if not raw:

@@ -2,7 +2,7 @@
 
     python -m pipeline.train -m architecture=mlp,functional optimizer.lr=1e-3,1e-2 +sweep.resume=PARENT_RUN_ID
 
-`SweepRuns.on_multirun_start` calls `reopen` instead of creating a parent: the parent is
+`SweepRecorder.on_multirun_start` calls `reopen` instead of creating a parent: the parent is
 reopened RUNNING, and the children that did not finish (FAILED, KILLED, or RUNNING when
 their sweep died) are tagged `sweep.superseded` (the summary leaves them out; a RUNNING
 one ends FAILED). Each job whose name (its swept overrides) has a FINISHED child returns
@@ -26,7 +26,7 @@ SUPERSEDED_TAG = "sweep.superseded"  # a child the resumed sweep ran again; not 
 
 
 def reopened(tracking_uri: str, parent_run_id: str, optimized_metric: str) -> dict[str, float]:
-    """`reopen`, for `SweepRuns`: a bad run id ends the command in one line."""
+    """`reopen`, for `SweepRecorder`: a bad run id ends the command in one line."""
     from mlflow.tracking import MlflowClient
 
     try:
