@@ -1,31 +1,30 @@
-"""Train every architecture with its defaults and write the README's architecture table.
+"""Train every architecture with its defaults and measure what it reaches (docs/architectures.md's table).
 
-    python -m benchmarks.architecture_table            # from the repository root: all families, ~10 min
-    python -m benchmarks.architecture_table mlp resnet # a subset (the table keeps the rest)
+    python -m benchmarks.architecture_table --docs            # from the repository root: all families, ~10 min
+    python -m benchmarks.architecture_table --docs mlp resnet # a subset (the table keeps the rest)
 
 Each family trains exactly as `python -m pipeline.train architecture=NAME` would (on
 `digits`; `multi_io` on `synthetic_multimodal`), logging to a throwaway MLflow store.
-The table between the README's `architecture-table` markers is rewritten from the
-measurements; no number in it is typed by hand.
+With `--docs`, the table between the `architecture-table` markers of docs/architectures.md
+is rewritten from the measurements; no number in it is typed by hand.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 
+from benchmarks.common import REPO, measured_on, update_docs
 from pipeline.plan import compose
 from pipeline.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-START, END = "<!-- architecture-table:start -->", "<!-- architecture-table:end -->"
+DOCS = REPO / "docs" / "architectures.md"
+MARKER = "architecture-table"
 DATASET = {"multi_io": "synthetic_multimodal"}
 
 
@@ -47,8 +46,12 @@ def measure(name: str, store: Path) -> dict[str, str]:
             "run time (s)": f"{seconds:.0f}"}
 
 
-def main(names: list[str]) -> None:
-    names = names or sorted(p.stem for p in (REPO / "conf" / "architecture").glob("*.yaml"))
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("architectures", nargs="*", help="families to measure (default: every one in conf/)")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/architectures.md")
+    args = parser.parse_args()
+    names = args.architectures or sorted(p.stem for p in (REPO / "conf" / "architecture").glob("*.yaml"))
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         # One untimed epoch first, so no row pays for TensorFlow's one-time start-up.
@@ -58,28 +61,24 @@ def main(names: list[str]) -> None:
         for name in names:
             rows[name] = measure(name, Path(tmp) / "mlflow.db")
             print(" | ".join(rows[name].values()), flush=True)
-    text = README.read_text()
-    before, rest = text.split(START)
-    old_table, after = rest.split(END)
-    # Keep rows of families not measured this time.
+    if not args.docs:
+        return
+    # Keep the rows of families not measured this time.
+    old_table = DOCS.read_text().partition(f"<!-- {MARKER}:start -->")[2].partition(f"<!-- {MARKER}:end -->")[0]
     for line in old_table.strip().splitlines():
         match = re.match(r"\| `(\w+)` \|", line)
         if match and match.group(1) not in rows:
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             rows[match.group(1)] = dict(zip(next(iter(rows.values())).keys(), cells))
     header = list(next(iter(rows.values())).keys())
-    import keras
-    import tensorflow as tf
-
-    caption = (f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores with TensorFlow "
-               f"{tf.__version__}, Keras {keras.__version__}, default config (early stopping on), by "
-               "`python -m benchmarks.architecture_table`. Run time is the whole run: data, fit, test, "
-               "SavedModel export and registration.\n\n")
     table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     table += ["| " + " | ".join(rows[name].values()) + " |" for name in sorted(rows)]
-    README.write_text(f"{before}{START}\n{caption}{chr(10).join(table)}\n{END}{after}")
-    print(f"updated {README}")
+    update_docs(MARKER, "\n".join([
+        *table, "", measured_on(),
+        "", "Default config (early stopping on), by `python -m benchmarks.architecture_table`. Run time is the "
+            "whole run: data, fit, test, SavedModel export and registration; rows of families not measured in the "
+            "same run keep their earlier figures."]), DOCS)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

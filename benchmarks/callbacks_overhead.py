@@ -10,7 +10,7 @@ per-epoch MLflow logging. Both run `pipeline.train.train` in this process, inter
 on `synthetic_mnist` (10.8k training examples, batch 128). Target: >= 0.97.
 
 Last line: `callbacks on/off throughput ratio: mlp 0.99 (median of 7 interleaved pairs)`.
-With `--readme`, the figures go into the README.
+With `--docs`, the figures go into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from benchmarks.common import (
     Throughput,
     host_steadiness,
     interleaved,
-    machine,
-    update_readme,
+    measured_on,
+    update_docs,
 )
 
 EPOCHS = {"mlp": 6, "resnet": 3}
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("architectures", nargs="*", default=["mlp"])
     parser.add_argument("--pairs", type=int, default=7)
-    parser.add_argument("--readme", action="store_true", help="write the figures into README.md")
+    parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = {}
@@ -64,13 +64,14 @@ def main() -> None:
                 args.pairs, candidate=lambda a=architecture: throughput(a, "default", store, data_dir),
                 baseline=lambda a=architecture: throughput(a, "none", store, data_dir))
     summary = ", ".join(f"{name} {ratio.median:.2f}" for name, ratio in results.items())
-    if args.readme:
-        update_readme("callbacks", "\n".join([
+    if args.docs:
+        update_docs("callbacks", "\n".join([
             "| architecture | default callbacks / `callbacks=none` throughput | target |", "| --- | --- | --- |",
             *[f"| `{name}` | {ratio.cell('pairs')} | ≥ 0.97× |" for name, ratio in results.items()],
+            "", measured_on(),
             "", f"Median of {args.pairs} interleaved pairs, each run's fastest steady epoch; with median epochs "
             "instead: " + ", ".join(f"{name} {ratio.by_median_epochs:.2f}" for name, ratio in results.items())
-            + f". On {machine()}; {steadiness}.",
+            + f"; {steadiness}.",
         ]))
     print(f"callbacks on/off throughput ratio: {summary} (median of {args.pairs} interleaved pairs)")
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: epoch timing, interleaved pairs, the README table.
+"""Shared pieces of the benchmarks: epoch timing, interleaved pairs, the tables of docs/performance.md.
 
 Every benchmark measures its candidate and its baseline in the same process,
 interleaved, the order turning each round (A B, B A, A B, ...: neither always runs
@@ -26,7 +26,7 @@ from pathlib import Path
 import keras
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+DOCS = REPO / "docs" / "performance.md"
 TRAIN_EXAMPLES = round(12000 * 0.9)  # synthetic_mnist's train split less the 10% that validates
 
 
@@ -142,7 +142,7 @@ class Ratio:
                    statistics.median(r[candidate].median / r[baseline].median for r in rounds))
 
     def cell(self, unit: str) -> str:
-        """For a README table: `0.93× (pairs 0.75–1.11)`."""
+        """For a table: `0.93× (pairs 0.75–1.11)`."""
         return f"{self.median:.2f}× ({unit} {self.low:.2f}–{self.high:.2f})"
 
 
@@ -152,25 +152,38 @@ def interleaved(pairs: int, candidate: Callable[[], Throughput], baseline: Calla
     return Ratio.of(rounds, "candidate", "baseline")
 
 
-def machine() -> str:
-    """The CPU, core count and versions, for the README's tables."""
+# The CPU flags that decide what is fast here: AVX2/AVX-512 kernels, and whether bfloat16 is
+# native (AMX) or emulated (AVX512-BF16 converts, it does not multiply).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def measured_on() -> str:
+    """One line for under a table: the date, the CPU (model and the flags of `CPU_FLAGS`
+    it has and lacks, from /proc/cpuinfo), the core count and the versions."""
     import mlflow
     import tensorflow as tf
 
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")))
+        has = " ".join(flag for flag in CPU_FLAGS if flag in flags) or "none"
+        lacks = " ".join(flag for flag in CPU_FLAGS if flag not in flags)
+        cpu += f" ({has}; no {lacks})" if lacks else f" ({has})"  # e.g. AMD EPYC (avx2; no avx512f avx512_bf16 amx_bf16)
     except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, TensorFlow {tf.__version__}, "
-            f"Keras {keras.__version__}, MLflow {mlflow.__version__}")
+        cpu = f"{platform.processor() or platform.machine()} (CPU flags unknown)"
+    return (f"Measured {time.strftime('%Y-%m-%d')} on {cpu}, {os.cpu_count()} cores; Python "
+            f"{platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+            f"MLflow {mlflow.__version__}.")
 
 
-def update_readme(marker: str, text: str) -> None:
-    """Replace the README's text between `<!-- {marker}:start -->` and `<!-- {marker}:end -->`."""
+def update_docs(marker: str, text: str, path: Path = DOCS) -> None:
+    """Replace the text between `<!-- {marker}:start -->` and `<!-- {marker}:end -->` in
+    `path` (docs/performance.md), or append the markers with `text` if they are missing."""
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    readme = README.read_text()
-    if start not in readme:
-        readme = readme.rstrip() + f"\n\n{start}\n{end}\n"
-    README.write_text(re.sub(f"{re.escape(start)}.*?{re.escape(end)}", f"{start}\n{text}\n{end}", readme,
-                             flags=re.DOTALL))
+    document = path.read_text()
+    if start not in document:
+        document = document.rstrip() + f"\n\n{start}\n{end}\n"
+    path.write_text(re.sub(f"{re.escape(start)}.*?{re.escape(end)}", lambda _: f"{start}\n{text}\n{end}", document,
+                           flags=re.DOTALL))
+    print(f"updated {path} ({marker})")

@@ -26,7 +26,7 @@ host runs the VM at full or about half speed for seconds at a time (see `common.
 the ratio from median epochs, and each ratio's lowest and highest round, are printed too.
 
 The last line reads `pipeline/bare_fit throughput ratio: mlp X, resnet Y; pipeline/tuned_fit:
-mlp X2, resnet Y2 (median of 5 interleaved rounds)`. With `--readme`, the figures go into the README.
+mlp X2, resnet Y2 (median of 5 interleaved rounds)`. With `--docs`, the figures go into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from benchmarks.common import (
     Throughput,
     host_steadiness,
     interleaved_runs,
-    machine,
-    update_readme,
+    measured_on,
+    update_docs,
 )
 
 # The first epoch compiles and is not timed; mlp: more of its 0.4 s epochs, more chances of an unslowed one.
@@ -141,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("architectures", nargs="*", default=["mlp", "resnet"])
     parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds of bare, tuned, pipeline")
-    parser.add_argument("--readme", action="store_true", help="write the figures into README.md")
+    parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     ratios: dict[str, dict[str, Ratio]] = {"bare": {}, "tuned": {}}  # baseline -> architecture -> pipeline/baseline
@@ -164,16 +164,17 @@ def main() -> None:
         return ", ".join(f"{name} {ratio.by_median_epochs if by_median_epochs else ratio.median:.2f}"
                          for name, ratio in ratios[baseline].items())
 
-    if args.readme:
-        update_readme("overhead", "\n".join([
+    if args.docs:
+        update_docs("overhead", "\n".join([
             "| architecture | pipeline / bare `model.fit` | target | pipeline / tuned `model.fit` | target |",
             "| --- | --- | --- | --- | --- |",
             *[f"| `{name}` | {ratios['bare'][name].cell('rounds')} | ≥ {TARGETS['bare'].get(name, 1.0):.2f}× "
               f"| {ratios['tuned'][name].cell('rounds')} | ≥ {TARGETS['tuned'].get(name, 0.97):.2f}× |"
               for name in args.architectures],
+            "", measured_on(),
             "", f"Throughput ratios, median of {args.pairs} interleaved rounds, each run's fastest steady epoch; "
-                f"with median epochs instead: bare {figures('bare', True)}, tuned {figures('tuned', True)}. "
-                f"On {machine()}; {steadiness}.",
+                f"with median epochs instead: bare {figures('bare', True)}, tuned {figures('tuned', True)}; "
+                f"{steadiness}.",
         ]))
     print("rounds' lowest-highest pipeline/tuned_fit: " + ", ".join(
         f"{name} {ratio.low:.2f}-{ratio.high:.2f}" for name, ratio in ratios["tuned"].items()))

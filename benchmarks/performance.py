@@ -1,7 +1,7 @@
-"""Input pipeline, MFU, precision and XLA, measured in one process; writes the README table.
+"""Input pipeline, MFU, precision and XLA, measured in one process; writes a table of docs/performance.md.
 
     python -m benchmarks.performance              # from the repository root; ~10 min on 2 cores
-    python -m benchmarks.performance --readme     # also rewrite the README's performance table
+    python -m benchmarks.performance --docs       # also rewrite the table in docs/performance.md
 
 All on `synthetic_mnist` (28x28x1, batch 128), models built by the pipeline's own
 builders and trained by the pipeline's train step (`GuardedModel`, default checks on):
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import EpochTimer, Throughput, host_steadiness, interleaved, machine, update_readme
+from benchmarks.common import EpochTimer, Throughput, host_steadiness, interleaved, measured_on, update_docs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -125,7 +125,7 @@ def paired(pairs: int, candidate, baseline) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
     rows = []
     steadiness = host_steadiness()
@@ -161,10 +161,10 @@ def main() -> None:
                  f"| `precision=mixed_bf16` (forced) / fp32 throughput, `resnet`, {bf16_pairs} pair(s) | {bf16:.2f}× "
                  "| reported |",
                  f"| `trainer.jit_compile=true` / false throughput, `mlp` | {xla:.2f}× | reported |"]
-    if args.readme:
-        update_readme("performance", "\n".join([
+    if args.docs:
+        update_docs("performance", "\n".join([
             "| measure | value | target |", "| --- | --- | --- |", *rows, "",
-            f"Measured by `benchmarks/performance.py` on {machine()}; {steadiness}."]))
+            measured_on(), "", f"By `python -m benchmarks.performance`; {steadiness}."]))
 
 
 if __name__ == "__main__":

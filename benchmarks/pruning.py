@@ -13,7 +13,7 @@ same in both). Baseline first, then candidate. Target: >= 1.8x less wall time, t
 `final_val_accuracy` within 0.01.
 
 Last line: `pruning median/none: 2.1x less wall time (312 s -> 148 s), best final_val_accuracy 0.972 vs 0.975`.
-With `--readme`, the figures go into the README.
+With `--docs`, the figures go into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, host_steadiness, machine, update_readme
+from benchmarks.common import REPO, host_steadiness, measured_on, update_docs
 
 
 def search(pruner: str, trials: int, epochs: int, directory: Path, data_dir: str) -> tuple[float, float, int]:
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--readme", action="store_true", help="write the figures into README.md")
+    parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
     print(host_steadiness(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,15 +70,16 @@ def main() -> None:
     (base_s, base_best, _), (cand_s, cand_best, pruned) = results["none"], results["median"]
     line = (f"pruning median/none: {base_s / cand_s:.2f}x less wall time ({base_s:.0f} s -> {cand_s:.0f} s), "
             f"best final_val_accuracy {cand_best:.3f} vs {base_best:.3f}")
-    if args.readme:
-        update_readme("pruning", "\n".join([
+    if args.docs:
+        update_docs("pruning", "\n".join([
             "| pruner | wall time (s) | trials pruned | best `final_val_accuracy` |", "| --- | --- | --- | --- |",
             f"| `none` | {base_s:.0f} | 0 of {args.trials} | {base_best:.4f} |",
             f"| `median` (default) | {cand_s:.0f} | {pruned} of {args.trials} | {cand_best:.4f} |",
+            "", measured_on(),
             "", f"{base_s / cand_s:.2f}× less wall time with pruning (target ≥ 1.8×, best metric within 0.01): "
                 f"{args.trials} trials of {args.epochs} epochs, `python -m benchmarks.pruning"
                 + (f" --trials {args.trials} --epochs {args.epochs}`" if (args.trials, args.epochs) != (24, 10)
-                   else "`") + f", one run on {machine()}.",
+                   else "`") + ", one run (baseline, then candidate).",
         ]))
     print(line)
 

@@ -15,8 +15,8 @@ Each pair also times the pipeline's very first run in a new directory, which cre
 the sqlite store (MLflow's schema migrations, once per store), and reports it apart.
 
 Last line: `startup to first step: pipeline X s (first run, creating the store: Y s),
-bare script Z s, ratio X/Z (median of 5 pairs)`. With `--readme`, the figures go
-into the README.
+bare script Z s, ratio X/Z (median of 5 pairs)`. With `--docs`, the figures go
+into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import keras
 
-from benchmarks.common import REPO, machine, update_readme
+from benchmarks.common import REPO, measured_on, update_docs
 
 MARK = "first step done at"
 
@@ -87,7 +87,7 @@ def seconds(command: list[str], cwd: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--readme", action="store_true", help="write the figures into README.md")
+    parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(Path(tmp) / "tfds")
@@ -107,15 +107,15 @@ def main() -> None:
                   f"bare script {base:.2f} s", flush=True)
     cand, fresh, base = (statistics.median(p[i] for p in pairs) for i in range(3))
     ratio = statistics.median(c / b for c, _, b in pairs)
-    if args.readme:
-        update_readme("startup", "\n".join([
+    if args.docs:
+        update_docs("startup", "\n".join([
             "| start-up to the end of the first training step | seconds |", "| --- | --- |",
             f"| `python -m pipeline.train` (MLflow store exists) | {cand:.1f} |",
             f"| `python -m pipeline.train` (first run: creates the sqlite store) | {fresh:.1f} |",
             f"| the tutorial's bare script | {base:.1f} |",
             f"| pipeline / bare script | {ratio:.2f}× (target ≤ 1.25×) |",
-            "", f"Median of {args.pairs} interleaved runs on {machine()}; target ≤ 8 s where the bare script "
-                "takes ≤ 6 s.",
+            "", measured_on(),
+            "", f"Median of {args.pairs} interleaved runs; target ≤ 8 s where the bare script takes ≤ 6 s.",
         ]))
     print(f"startup to first step: pipeline {cand:.1f} s (first run, creating the store: {fresh:.1f} s), "
           f"bare script {base:.1f} s, ratio {ratio:.2f} (median of {args.pairs} pairs)")

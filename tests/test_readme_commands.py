@@ -1,10 +1,11 @@
-"""The README checked by machine (issue 20): every command in its code blocks that can
-run offline runs here, on tiny settings, and must succeed, or fail with the very line
-the README shows under its `$ ` prompt.
+"""The README and docs/*.md checked by machine (issues 20 and 33): every command in their
+code blocks that can run offline runs here, on tiny settings, and must succeed, or fail
+with the very line the page shows under its `$ ` prompt.
 
-Each shell command of README.md (```bash, ```sh and untagged blocks, `\\` continuations
-joined, `&&` split, comments and `$ ` prompts removed) and each inline
-`python -m pipeline.…` gets exactly one disposition:
+Each shell command of README.md and docs/*.md (```bash, ```sh and untagged blocks, `\\`
+continuations joined, `&&` split, comments and `$ ` prompts removed) and each inline
+`python -m pipeline.…` gets exactly one disposition (a command shown on several pages is
+one command, run once):
 
 - `python -m pipeline.train|evaluate|inspect` runs by default: in this process, through
   the same `cli_main` the command runs (Hydra parses the very arguments), with `TINY`
@@ -17,7 +18,7 @@ joined, `&&` split, comments and `$ ` prompts removed) and each inline
 - `NOT_RUN`: cannot run offline here, with the reason.
 
 Any other command fails `test_every_command_has_exactly_one_disposition` until someone
-decides, and every table entry must still be in the README. Placeholders (`RUN_ID`,
+decides, and every table entry must still be in the README or docs/. Placeholders (`RUN_ID`,
 `models:/digits-mlp/3`) are replaced by what the quick start made (`PLACEHOLDERS`).
 Each ```python block runs too. Cost: about 2 minutes on one worker, most of it the
 quick start's fresh interpreter and a few seconds per in-process smoke run.
@@ -43,17 +44,24 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, stop_process_group, wait_until_answers
 
 README = REPO / "README.md"
+# The pages whose commands are checked: the README first, then docs/ in name order.
+DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console"}
 ENTRY_POINTS = ("pipeline.train", "pipeline.evaluate", "pipeline.inspect")
 
 
 @dataclass(frozen=True)
 class Command:
-    """One command of the README, as a user would type it."""
+    """One command of the README or docs/, as a user would type it."""
 
     text: str  # continuation lines joined, comment and `$ ` prompt removed, spaces collapsed
-    line: int  # where it starts in README.md
-    expected: tuple[str, ...] = ()  # the output the README shows under its `$ ` prompt
+    line: int  # where it starts in its page
+    expected: tuple[str, ...] = ()  # the output the page shows under its `$ ` prompt
+    page: str = "README.md"  # the page, relative to the repository
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -93,7 +101,7 @@ def strip_comment(line: str) -> str:
     return line
 
 
-def block_commands(body: str, first_line: int) -> list[Command]:
+def block_commands(body: str, first_line: int, page: str = "README.md") -> list[Command]:
     """The commands of one shell block. With `$ ` prompts, the lines under a prompt are
     its expected output; without, every line is a command (`\\` continues it)."""
     lines = body.splitlines()
@@ -103,7 +111,8 @@ def block_commands(body: str, first_line: int) -> list[Command]:
     for number, line in enumerate(lines, first_line):
         if prompted and not line.startswith("$ "):
             if commands and line.strip():
-                commands[-1] = Command(commands[-1].text, commands[-1].line, (*commands[-1].expected, line.strip()))
+                last = commands[-1]
+                commands[-1] = Command(last.text, last.line, (*last.expected, line.strip()), last.page)
             continue
         line = line.removeprefix("$ ") if prompted else line
         if not pending:
@@ -115,12 +124,12 @@ def block_commands(body: str, first_line: int) -> list[Command]:
         pending += text
         for part in pending.split(" && "):
             if part.strip():
-                commands.append(Command(" ".join(part.split()), start))
+                commands.append(Command(" ".join(part.split()), start, page=page))
         pending = ""
     return commands
 
 
-def readme_commands(text: str) -> list[Command]:
+def page_commands(text: str, page: str = "README.md") -> list[Command]:
     """Every shell command in `text`'s fenced blocks (a command typed twice, as the
     Optuna block's "again", runs twice), then every inline `python -m pipeline.…` span of
     its prose that no block shows."""
@@ -130,10 +139,10 @@ def readme_commands(text: str) -> list[Command]:
         first_line = text.count("\n", 0, match.start()) + 2
         if language not in SHELL_LANGUAGES or not is_shell(body):
             continue
-        commands += block_commands(body, first_line)
+        commands += block_commands(body, first_line, page)
     prose = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
     for match in re.finditer(r"`(python -m pipeline\.[^`\n]*)`", prose):
-        inline = Command(" ".join(match.group(1).split()), prose.count("\n", 0, match.start()) + 1)
+        inline = Command(" ".join(match.group(1).split()), prose.count("\n", 0, match.start()) + 1, page=page)
         if inline.text not in {c.text for c in commands}:
             commands.append(inline)
     return commands
@@ -148,7 +157,17 @@ def is_shell(body: str) -> bool:
     return not any(first.startswith(prefix) for prefix in NOT_SHELL)
 
 
-COMMANDS = readme_commands(README.read_text())
+def all_commands() -> list[Command]:
+    """The commands of every page in `DOCUMENTS`; a command an earlier page shows already
+    is left out (within one page, a repeated command stays: it runs again)."""
+    commands: list[Command] = []
+    for path in DOCUMENTS:
+        earlier = {c.text for c in commands}
+        commands += [c for c in page_commands(path.read_text(), str(path.relative_to(REPO))) if c.text not in earlier]
+    return commands
+
+
+COMMANDS = all_commands()
 
 
 # -- dispositions -----------------------------------------------------------------------
@@ -363,18 +382,18 @@ RUN_HERE = [c for c in COMMANDS if runs_here(c) and c not in SERVER_COMMANDS]
 def test_every_command_has_exactly_one_disposition() -> None:
     texts = {c.text for c in COMMANDS}
     assert texts, "no command found in README.md"
-    undecided = [f"README.md:{c.line}: {c.text}" for c in COMMANDS
+    undecided = [f"{c.where}: {c.text}" for c in COMMANDS
                  if not runs_here(c) and c.text not in ELSEWHERE and c.text not in NOT_RUN]
     assert not undecided, ("commands this test neither runs nor lists (add them to ELSEWHERE or NOT_RUN "
                            "with a reason, or make them runnable):\n" + "\n".join(undecided))
     for table in (IN_SUBPROCESS, MLFLOW_CLI, ELSEWHERE, NOT_RUN, TINY_FOR):
         gone = sorted(set(table) - texts)
-        assert not gone, f"no longer in README.md, so drop them from the table: {gone}"
+        assert not gone, f"no longer in README.md or docs/, so drop them from the table: {gone}"
     assert not set(ELSEWHERE) & set(NOT_RUN) and not set(IN_SUBPROCESS) & (set(ELSEWHERE) | set(NOT_RUN))
     for command in RUN_HERE:  # what stays a placeholder cannot run
         text = substitute(command.text, {"run_id": "x", "server": "x"})
         leftover = [word for word in re.findall(r"\b[A-Z][A-Z_]{2,}\b", text) if word not in command.env]
-        assert not leftover, f"README.md:{command.line}: placeholders {leftover} in {command.text}"
+        assert not leftover, f"{command.where}: placeholders {leftover} in {command.text}"
 
 
 @pytest.mark.parametrize("text", sorted(ELSEWHERE), ids=lambda text: text[:60])
@@ -476,15 +495,15 @@ def run_in_process(module: str, argv: list[str], capsys: pytest.CaptureFixture) 
 def check_outcome(command: Command, code: int, out: str, err: str) -> None:
     """Success, or, under a `$ ` prompt, the README's `error:` line and a non-zero exit."""
     if not command.expected:
-        assert code == 0, f"README.md:{command.line}: `{command.text}` exited {code}\n{err[-3000:]}"
+        assert code == 0, f"{command.where}: `{command.text}` exited {code}\n{err[-3000:]}"
         return
-    assert code != 0, f"README.md:{command.line}: `{command.text}` succeeded; the README shows a failure"
+    assert code != 0, f"{command.where}: `{command.text}` succeeded; the page shows a failure"
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert errors[-1:] == [line for line in command.expected if line.startswith("error: ")], (command.line, err[-3000:])
+    assert errors[-1:] == [line for line in command.expected if line.startswith("error: ")], (command.where, err[-3000:])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", RUN_HERE, ids=lambda c: f"L{c.line}:{c.text[:70]}")
+@pytest.mark.parametrize("command", RUN_HERE, ids=lambda c: f"{c.where}:{c.text[:70]}")
 def test_readme_command(command: Command, in_quick_start_dir: QuickStart, tfds_dir: str,
                         capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     here = in_quick_start_dir
@@ -498,7 +517,7 @@ def test_readme_command(command: Command, in_quick_start_dir: QuickStart, tfds_d
     values = {"run_id": run_id, "tfds": tfds_dir, "port": str(free_port()), "server": ""}
     text = substitute(command.text, values)
     tiny = [t.format(**values) for t in tiny_settings(command)]
-    argv = Command(text, command.line).argv
+    argv = Command(text, command.line, page=command.page).argv
     if command.text.startswith("mlflow ui"):
         ui_answers(argv[2:] + tiny, here.directory)
     elif command.text in IN_SUBPROCESS:
@@ -564,22 +583,23 @@ def ui_answers(args: list[str], directory: Path) -> None:
 
 @pytest.mark.slow
 def test_python_blocks_reload_the_champion(in_quick_start_dir: QuickStart) -> None:
-    """Each ```python block runs as written, in the quick start's directory, once its
-    placeholder `raw_uint8_images` is a few raw digits."""
+    """Each ```python block of the README and docs/ runs as written, in the quick start's
+    directory, once its placeholder `raw_uint8_images` is a few raw digits."""
     from sklearn.datasets import load_digits
 
     raw_uint8_images = np.round(load_digits().images[:5] * 255 / 16).astype(np.uint8)[..., None]  # (5, 8, 8, 1)
-    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
+    blocks = [(path, block) for path in DOCUMENTS
+              for block in re.findall(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M)]
     assert blocks
-    for block in blocks:
+    for path, block in blocks:
         namespace = {"raw_uint8_images": raw_uint8_images}
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102  (the README's own example)
+        exec(compile(block, str(path), "exec"), namespace)  # noqa: S102  (the page's own example)
         probabilities = np.asarray(namespace["probabilities"])
         assert probabilities.shape == (5, 10) and probabilities.dtype == np.float32  # as its comment says
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", SERVER_COMMANDS, ids=lambda c: f"L{c.line}:{c.text[:70]}")
+@pytest.mark.parametrize("command", SERVER_COMMANDS, ids=lambda c: f"{c.where}:{c.text[:70]}")
 def test_evaluate_against_a_tracking_server(command: Command, server_run, mlflow_server: str, tfds_dir: str,
                                             capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
                                             tmp_path: Path) -> None:
@@ -597,13 +617,13 @@ def test_evaluate_against_a_tracking_server(command: Command, server_run, mlflow
     assert "models:/digits-mlp@champion on digits[test]" in out
 
 
-# -- counts and output the README quotes -------------------------------------------------
+# -- counts and output the pages quote ----------------------------------------------------
 
 
 def test_counts_the_readme_quotes_are_the_tables_they_count() -> None:
     from test_bad_input import BAD_INPUTS
 
-    text = " ".join(README.read_text().split())
+    text = " ".join(" ".join(path.read_text() for path in DOCUMENTS).split())
     assert f"`tests/test_bad_input.py` keeps a table of {len(BAD_INPUTS)} such cases" in text
 
 
@@ -615,3 +635,25 @@ def test_the_closing_block_shown_is_the_one_printed(quick_start: QuickStart) -> 
     printed = quick_start.result.stdout[start.start():]
     labels = [re.split(r"\s{2,}", line)[0] for line in shown.splitlines()]
     assert labels == [re.split(r"\s{2,}", line)[0] for line in printed.strip().splitlines()][:len(labels)], printed
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_pages_resolve() -> None:
+    """Every relative link of the README and docs/ names a page that exists and, after `#`,
+    one of its headings."""
+    broken = []
+    for path in DOCUMENTS:
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"\w+://", target):
+                continue
+            file, _, fragment = target.partition("#")
+            page = (path.parent / file).resolve() if file else path
+            headings = {anchor(h) for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)} if page.is_file() else set()
+            if not page.is_file() or (fragment and fragment not in headings):
+                broken.append(f"{path.relative_to(REPO)}: ({target})")
+    assert not broken, "links to no page or heading:\n" + "\n".join(broken)
