@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import keras
 
     from architectures import InputSpec
+    from pipeline.data import Splits
     from pipeline.training.guarded import GuardedModel
 
 log = logging.getLogger("pipeline.train")
@@ -49,7 +50,7 @@ def train(plan: RunPlan) -> dict[str, float]:
     # TensorFlow is imported once the plan is valid: a config mistake costs a second.
     import keras
 
-    from pipeline import data, pending_run, quiet
+    from pipeline import pending_run, quiet
     from pipeline.fit_callbacks import FitCallbacks
     from pipeline.training import debug, distribute, precision
 
@@ -68,7 +69,7 @@ def train(plan: RunPlan) -> dict[str, float]:
     with callbacks.holding_checkpoints(), precision.applied(cfg.precision.policy) as policy, strategy.scope():
         log.info("precision: %s (precision.policy=%s: %s)", policy.policy, cfg.precision.policy, policy.reason)
         keras.utils.set_random_seed(cfg.seed)
-        splits = data.load(cfg.dataset, seed=cfg.seed)
+        splits = loaded_splits(plan)
         splits = debug.apply(cfg, splits)  # debug=smoke|overfit|limit: fewer batches, or one repeated
         splits = distribute.shard_by_data(splits, strategy)  # each global batch split between workers
         log.info("data: %s %s, input %s", cfg.dataset.name, splits.sizes, splits.input_spec)
@@ -93,6 +94,27 @@ def train(plan: RunPlan) -> dict[str, float]:
             from pipeline import record  # imported by now, on the thread that opened MLflow's store
 
             return record.result(plan, run.open(), guarded, history, initial_epoch, splits, callbacks)
+
+
+# The splits of the last sweep job in this process: {dataset config and seed: Splits}.
+_shared_splits: dict[str, Splits] = {}
+
+
+def loaded_splits(plan: RunPlan) -> Splits:
+    """The plan's data. The jobs of a sweep that run in one process (a search's trials
+    under the basic launcher) share it: the next job with the same `dataset` config and
+    seed gets the same pipelines, read, decoded and traced once (each epoch's order
+    comes from the seed and the epoch number, so sharing changes no batch)."""
+    from pipeline import data
+
+    cfg = plan.cfg
+    if plan.sweep is None:
+        return data.load(cfg.dataset, seed=cfg.seed)
+    key = f"{OmegaConf.to_yaml(cfg.dataset)}seed: {cfg.seed}"
+    if key not in _shared_splits:
+        _shared_splits.clear()  # one dataset in memory at a time
+        _shared_splits[key] = data.load(cfg.dataset, seed=cfg.seed)
+    return _shared_splits[key]
 
 
 def compile_guarded(plan: RunPlan, model: keras.Model, splits, guard, strategy) -> GuardedModel:

@@ -26,7 +26,7 @@ class OptunaTrial:
     """Where a trial lives and how its study prunes: all a job needs to report to it.
 
     Args:
-        storage: the study's storage URL (any SQLAlchemy URL, or a journal file path).
+        storage: the study's storage URL (any SQLAlchemy URL, or `journal:///path/study.log`).
         study_name: the study's name in that storage.
         trial_id: the trial's id in the storage (unique across studies).
         number: the trial's number in its study (0, 1, ...).
@@ -47,27 +47,62 @@ class OptunaTrial:
         return asdict(self)
 
 
+JOURNAL_SCHEME = "journal://"  # journal:///shared/dir/study.log: Optuna's journal file, no database server
+
+
+def journal_path(url: str) -> str | None:
+    """The file of a journal storage (`journal:///dir/study.log`, or a bare path), else None."""
+    if url.startswith(JOURNAL_SCHEME):
+        return url.removeprefix(JOURNAL_SCHEME)
+    return None if "://" in url else url
+
+
 def storage_for(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
     """Optuna's storage for `url`: a SQLAlchemy URL (sqlite, PostgreSQL, ...) is an RDB
-    storage, anything else the path of a journal file. With `heartbeat_interval`, the RDB
+    storage; `journal:///path` (or a bare path) a journal file (`JournalFileBackend`,
+    whose default lock is a symlink, which NFS honours). With `heartbeat_interval`, the
     storage fails trials whose heartbeat stopped and enqueues them again."""
     import optuna
 
-    if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+    retry = None
+    if heartbeat_interval is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeats and retries are "experimental" in Optuna
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+            retry = retry(max_retry=3) if retry is not None else optuna.storages.RetryFailedTrialCallback(max_retry=3)
+    path = journal_path(url)
+    if path is not None:
+        from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(url))
+        if heartbeat_interval is None:
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
+        from pipeline.tracking.optuna_journal import HeartbeatJournalStorage
+
+        return HeartbeatJournalStorage(JournalFileBackend(path), heartbeat_interval, grace_period or 60, retry)
     # sqlite waits for another process's write lock instead of failing after 5 s.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     if heartbeat_interval is None:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    callback = ({"heartbeat_stale_trial_callback": retry} if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+                else {"failed_trial_callback": retry})
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # heartbeats and retries are "experimental" in Optuna
-        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
-        callback = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry is not None else
-                    {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
+        warnings.simplefilter("ignore")
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                                           grace_period=grace_period, **callback)
+
+
+def best_so_far(trial: OptunaTrial) -> tuple[float, int, str] | None:
+    """(value, number, direction) of the best COMPLETE trial of `trial`'s study so far,
+    or None before the first; `trial` itself is not told until its job returns."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=trial.study_name, storage=storage_for(trial.storage))
+    try:
+        best = study.best_trial
+    except ValueError:  # no complete trial yet
+        return None
+    return float(best.value), best.number, study.direction.name.lower()
 
 
 def make_pruner(name: str, startup_trials: int = 5, warmup_epochs: int = 2):

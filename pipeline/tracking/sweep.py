@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import cli, store_uri, tracking
 from pipeline.errors import one_line
 from pipeline.redact import redact, redact_command
-from pipeline.tracking import optuna_runs, sweep_resume
+from pipeline.tracking import optuna_runs, sweep_artifacts, sweep_resume
 from pipeline.tracking.sweep_job import SWEEP_JOB_ENV, current_job, failure_of, find_children, optuna_tags, swept_keys
 from pipeline.tracking.sweep_summary import Summary, metric_vs_params
 
@@ -94,6 +94,7 @@ class SweepRecorder:
             self.direction = (str(direction) if direction in ("maximize", "minimize") else
                               "minimize" if "loss" in self.optimized_metric else "maximize")
         try:
+            sweep_artifacts.requested(config)  # +trial_artifacts=: a bad value fails before any job
             # Creates the schema of a new sqlite store and the experiment once, here,
             # instead of in every parallel job at the same moment.
             self.experiment_id = tracking.connect(config.mlflow)

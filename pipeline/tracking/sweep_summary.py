@@ -10,6 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pipeline.tracking.sweep_artifacts import METRICS_ONLY, TAG
+
 if TYPE_CHECKING:  # matplotlib costs ~0.8 s to import; every run loads the sweep callback, only sweeps plot
     from matplotlib.figure import Figure
 
@@ -29,7 +31,11 @@ class Summary:
         scored = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row.get(metric, math.nan))
                   and row.get("trial_state") != "PRUNED"]
         pick = max if direction == "maximize" else min
-        self.best = pick(scored, key=lambda row: row[metric]) if scored else None
+        best = pick(scored, key=lambda row: row[metric]) if scored else None
+        # Of equally good trials, the one that logged its model (`sweep_artifacts`): a trial
+        # that only tied the study's best when it finished recorded its metrics only.
+        self.best = next((row for row in scored if row[metric] == best[metric]
+                          and not row.get("trial_artifacts", "").startswith(METRICS_ONLY)), best) if best else None
 
     @classmethod
     def of(cls, children: Sequence, metric: str, direction: str) -> Summary:
@@ -49,6 +55,7 @@ class Summary:
                 "failure_reason": run.data.tags.get("failure_reason", ""),
                 "registered_model": run.data.tags.get("registered_model", ""),
                 **({"trial_state": run.data.tags["trial_state"]} if "trial_state" in run.data.tags else {}),
+                **({"trial_artifacts": run.data.tags[TAG]} if TAG in run.data.tags else {}),
                 **{f"param {key}": value for key, value in swept.items()},
                 **{k: float(v) for k, v in sorted(metrics.items())},
             })
