@@ -76,7 +76,9 @@ def sweep_closing_block(client: MlflowClient, parent_run_id: str) -> str:
             ("jobs", f"{tags.get('sweep.jobs', '?')} jobs, {tags.get('sweep.finished', '?')} finished, "
                      f"{tags.get('sweep.failed', '?')} failed")]
     if "sweep.best_run_id" not in tags:
-        return aligned([*rows, ("best job", f"none: no job finished with a finite {metric}"), *links(client, parent)])
+        return aligned([*rows, *search_rows(tags), ("best job", f"none: no job finished with a finite {metric}"),
+                        *links(client, parent)])
+    rows += search_rows(tags)
     best = client.get_run(tags["sweep.best_run_id"])
     score = best.data.metrics.get(metric)
     rows.append(("best job", f"{best.info.run_name} ({best.info.run_id})"
@@ -84,6 +86,16 @@ def sweep_closing_block(client: MlflowClient, parent_run_id: str) -> str:
     alias = tags.get("sweep.best_model", "").rpartition("@")[2]  # models:/NAME@sweep-best
     return aligned(rows + result_rows(best, [alias] if alias else []) + links(client, parent)
                    + model_commands(client, best))
+
+
+def search_rows(tags: dict[str, str]) -> list[tuple[str, str]]:
+    """An Optuna search's: why it stopped, and optuna-dashboard on its study's storage
+    (a journal file is opened by its path)."""
+    rows = [("stopped", tags["sweep.stopped"])] if "sweep.stopped" in tags else []
+    if "optuna.storage" in tags:
+        storage = tags["optuna.storage"].removeprefix("journal://")
+        rows.append(("dashboard", f"{shell('optuna-dashboard', storage)}  # pip install -e '.[dashboard]'"))
+    return rows
 
 
 def result_rows(run: Run, aliases: list[str] | None = None) -> list[tuple[str, str]]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -251,3 +253,147 @@ def test_two_commands_at_once_share_one_study_and_one_parent(tfds_dir: str, tmp_
     assert parent.info.status == "FINISHED"
     numbers = sorted(int(c.data.tags["optuna.trial_number"]) for c in children)
     assert numbers == sorted(t.number for t in counted(study)), "every trial is a child of the one parent"
+
+
+# -- patience, the journal's heartbeats, the trial lines: no training -------------------
+
+
+def finished_trials(*outcomes: float | str) -> list[optuna.trial.FrozenTrial]:
+    """Trials that finished one second apart, in the order given: a value is a COMPLETE
+    trial, `pruned` and `failed` what they say."""
+    import datetime
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    start = datetime.datetime(2026, 1, 1)
+    trials = []
+    for number, outcome in enumerate(outcomes):
+        state = {"pruned": TrialState.PRUNED, "failed": TrialState.FAIL}.get(outcome, TrialState.COMPLETE)
+        trial = create_trial(state=state, value=outcome if state == TrialState.COMPLETE else None,
+                             params={"optimizer.lr": 0.01}, distributions={"optimizer.lr": FloatDistribution(1e-4, 1)},
+                             user_attrs={"failure_reason": "diverged"} if state == TrialState.FAIL else {})
+        trial.number = number
+        trial.datetime_start = start + datetime.timedelta(seconds=number)
+        trial.datetime_complete = trial.datetime_start + datetime.timedelta(seconds=0.9)
+        trials.append(trial)
+    return trials
+
+
+@pytest.mark.parametrize("patience, min_delta, outcomes, stops", [
+    (2, 0.0, [0.90, 0.95, 0.94, 0.95], True),          # two in a row without beating 0.95 (a tie is no gain)
+    (2, 0.0, [0.90, 0.95, 0.94, 0.96], False),         # the last one improved
+    (3, 0.0, [0.90, 0.95, "pruned", "failed"], False),  # only two since the best
+    (2, 0.0, [0.90, 0.95, "pruned", "failed"], True),  # pruned and failed trials do not improve
+    (2, 0.01, [0.90, 0.95, 0.955, 0.958], True),       # gains under min_delta are none
+    (None, 0.0, [0.9, 0.8, 0.7, 0.6], False),          # no patience: n_trials decides
+])
+def test_patience_counts_finished_trials_in_a_row_without_improvement(patience, min_delta, outcomes, stops) -> None:
+    from pipeline.tracking.optuna_progress import Patience
+
+    rule = Patience.of({"patience": patience, "min_delta": min_delta}, "maximize")
+    reason = rule.stop_reason(finished_trials(*outcomes), "final_val_accuracy")
+    assert (reason is not None) == stops, reason
+    if stops:
+        assert reason.startswith(f"patience: {patience} finished trials in a row did not improve final_val_accuracy "
+                                 "0.9500 (trial 1)"), reason
+    with pytest.raises(ConfigError, match="hydra.sweeper.patience must be null or an integer >= 1. Received: 0"):
+        Patience.of({"patience": 0}, "maximize")
+
+
+def test_trial_lines_say_what_each_trial_did_beside_the_best() -> None:
+    from pipeline.tracking.optuna_progress import trial_line
+
+    trials = finished_trials(0.9722, 0.9792, "pruned", "failed")
+    trials[2].user_attrs["pruned_at_epoch"] = 3
+    trials[2].intermediate_values[3] = 0.8611
+    lines = [trial_line(t, trials, 24, "final_val_accuracy", "maximize") for t in trials]
+    assert lines == [
+        "[1/24] trial 0 COMPLETE final_val_accuracy 0.9722 (best 0.9792, trial 1) optimizer.lr=0.01 0.9 s",
+        "[2/24] trial 1 COMPLETE final_val_accuracy 0.9792 (best 0.9792, trial 1) optimizer.lr=0.01 0.9 s",
+        "[3/24] trial 2 PRUNED at epoch 3 val_accuracy 0.8611 (best 0.9792, trial 1) optimizer.lr=0.01 0.9 s",
+        "[4/24] trial 3 FAIL (diverged) (best 0.9792, trial 1) optimizer.lr=0.01 0.9 s",
+    ]
+
+
+def test_a_journal_trial_whose_heartbeat_stopped_is_failed_and_asked_again(tmp_path: Path) -> None:
+    # The journal file has no heartbeats of its own (optuna_journal adds them): without them a
+    # dead worker's trial would stay RUNNING and hold its place in n_trials forever.
+    from optuna.storages import fail_stale_trials
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    from pipeline.tracking.optuna_trial import storage_for
+
+    url = f"journal://{tmp_path / 'study.log'}"
+    study = optuna.create_study(study_name="s", storage=storage_for(url, heartbeat_interval=1, grace_period=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeats are "experimental", and "meant for Study.optimize"
+        alive, _dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), study.ask()
+        heartbeat = get_heartbeat_thread(alive._trial_id, study._storage)
+        heartbeat.start()
+        try:
+            time.sleep(2.5)  # the dead one's only heartbeat is its start, now older than the grace period
+            fail_stale_trials(study)
+        finally:
+            heartbeat.join()
+    states = {t.number: t.state.name for t in optuna.load_study(study_name="s", storage=storage_for(url)).trials}
+    assert states == {0: "RUNNING", 1: "FAIL", 2: "WAITING"}, "the dead one failed, and its retry queued"
+
+
+@pytest.mark.parametrize("storage, opened", [
+    ("journal:///shared/dir/study.log", "journal:///shared/dir/study.log"),
+    ("journal://study.log", "journal://{cwd}/study.log"),
+    ("study.log", "journal://{cwd}/study.log"),  # a bare path, as before
+    ("sqlite:///optuna.db", "sqlite:///{cwd}/optuna.db"),
+    ("postgresql+psycopg2://user:secret@db/optuna", "postgresql+psycopg2://user:secret@db/optuna"),
+])
+def test_storage_urls_are_made_absolute_for_every_worker(storage: str, opened: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert optuna_study.absolute_storage(storage) == opened.format(cwd=tmp_path)
+
+
+# -- what a search records, and how it is watched ---------------------------------------
+
+
+@pytest.mark.slow
+def test_only_the_trial_that_becomes_the_best_records_its_model_and_patience_ends_the_search(
+        tfds_dir: str, tmp_path: Path) -> None:
+    # PRUNABLE's trials without the pruner: lr 0.01 (good), then 1e-7 twice (chance). Patience 2
+    # ends the study at 3 of its 5 trials; only trial 0 becomes the best, so only it records
+    # plots, test scores and a model (the SavedModel export printed "Assets written" per trial).
+    result = search(tmp_path, tfds_dir, *PRUNABLE, "hydra.sweeper.pruner=none", "mlflow.log_model=true",
+                    "trainer.epochs=1", "hydra.sweeper.n_trials=5", "hydra.sweeper.patience=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = the_study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+    lines = re.findall(r"^\[\d+/\d+\] trial .*$", result.stdout, re.M)
+    assert len(lines) == 3 and lines[0].startswith("[1/5] trial 0 COMPLETE final_val_accuracy "), lines
+    assert re.fullmatch(r"\[3/5\] trial 2 COMPLETE final_val_accuracy 0\.\d{4} \(best 0\.\d{4}, trial 0\) "
+                        r"optimizer\.lr=1e-07 \d+\.\d s", lines[2]), lines[2]
+    assert "optuna: study " in result.stdout and "stops: patience: 2 finished trials in a row" in result.stdout
+    assert result.stdout.count("Assets written") + result.stderr.count("Assets written") == 1
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,), children = all_runs(tmp_path)
+    by_trial = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    assert by_trial[0].data.tags["trial_artifacts"] == "all: the study's first complete trial"
+    for number in (1, 2):
+        child = by_trial[number]
+        assert child.data.tags["trial_artifacts"].startswith("metrics only: final_val_accuracy "), child.data.tags
+        assert "test_accuracy" not in child.data.metrics, "no test evaluation nobody reads"
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"config.yaml"}, "reproduce= works"
+        assert "plots" not in {a.path for a in client.list_artifacts(child.info.run_id)}
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert [m.source_run_id for m in models] == [by_trial[0].info.run_id]
+    assert parent.data.tags["sweep.best_run_id"] == by_trial[0].info.run_id
+    assert by_trial[0].data.tags["registered_model"] == "digits-mlp/1"
+
+    # The parent charts the search as it runs, and says why it stopped.
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "trials_finished")] == [
+        (1, 1), (2, 2), (3, 3)]
+    best = [m.value for m in client.get_metric_history(parent.info.run_id, "best_so_far")]
+    assert best == [study.best_value] * 3
+    assert parent.data.tags["sweep.stopped"].startswith("patience: 2 finished trials in a row")
+    assert re.search(rf"^dashboard +optuna-dashboard sqlite:///{tmp_path / 'optuna.db'} ", result.stdout, re.M)

@@ -62,6 +62,7 @@ class OptunaSweeper(Sweeper):
         from optuna.storages._heartbeat import is_heartbeat_enabled
         from optuna.trial import TrialState
 
+        from pipeline.tracking.optuna_progress import Patience
         from pipeline.tracking.optuna_runs import Children
         from pipeline.tracking.optuna_study import counts_toward_n_trials
 
@@ -73,6 +74,9 @@ class OptunaSweeper(Sweeper):
         study.sampler = instantiate(sampler)
         children = Children.of(study)  # None without the sweep callback (no MLflow parent)
         n_trials, n_jobs = int(settings["n_trials"]), max(1, int(settings.get("n_jobs") or 1))
+        patience = Patience.of(settings, spec.direction)
+        # Every storage here has heartbeats (the journal file's are ours: optuna_journal), so a
+        # running trial counts toward n_trials: workers on one study never overshoot it.
         heartbeats = is_heartbeat_enabled(study._storage)
         returns, launched, failed_before = [], 0, None
         while True:
@@ -85,10 +89,10 @@ class OptunaSweeper(Sweeper):
                 children.fail_dead(study)
             failed_before = failed
             done = sum(counts_toward_n_trials(t) for t in trials)
-            # Without heartbeats (the journal storage) a dead trial stays RUNNING forever: then
-            # only finished trials count, and concurrent workers may overshoot n_trials.
             running = sum(t.state == TrialState.RUNNING for t in trials) if heartbeats else 0
-            if done >= n_trials:
+            stopped = patience.stop_reason(trials, spec.optimized_metric)
+            if done >= n_trials or stopped:
+                stopped = stopped or f"n_trials: the study holds {done} finished trials (n_trials={n_trials})"
                 break
             room = n_trials - done - running
             if room <= 0:  # the rest run elsewhere (another worker, or a dead one not yet stale)
@@ -103,17 +107,23 @@ class OptunaSweeper(Sweeper):
                 launched += len(batch)
         if launched == 0:
             print(f"optuna: study {spec.name} already holds {done} finished trials (n_trials={n_trials}): "
-                  "nothing to train; raise hydra.sweeper.n_trials to search further", flush=True)
+                  "nothing to train; raise hydra.sweeper.n_trials to search further"
+                  if not stopped.startswith("patience") else
+                  f"optuna: study {spec.name} stopped before: {stopped}; nothing to train", flush=True)
+        elif stopped.startswith("patience"):
+            print(f"optuna: study {spec.name} stops: {stopped}", flush=True)
         self._write_results(study)
         if children is not None:
+            children.record_stop(stopped)
             children.log_figures(study)
         return returns
 
     def _run(self, study, batch: list, children) -> list[Any]:
-        """Launch one batch of trials and tell Optuna how each ended."""
+        """Launch one batch of trials, tell Optuna how each ended, and print its line."""
         from optuna.storages._heartbeat import get_heartbeat_thread
 
-        from pipeline.tracking.optuna_study import trial_overrides
+        from pipeline.tracking.optuna_progress import best_of, trial_line
+        from pipeline.tracking.optuna_study import counts_toward_n_trials, trial_overrides
         from pipeline.tracking.optuna_trial import TRIAL_ENV, encoded
 
         # The job finds its trial through `hydra.job.env_set`, in whatever process it runs.
@@ -133,6 +143,13 @@ class OptunaSweeper(Sweeper):
             state = self._tell(study, trial, job_return)
             if children is not None and state is not None:
                 children.tag(trial.number, state)
+        trials = study.get_trials(deepcopy=False)
+        n_trials, metric, direction = int(self.spec.settings["n_trials"]), self.spec.optimized_metric, self.spec.direction
+        for trial in batch:
+            print(trial_line(study._storage.get_trial(trial._trial_id), trials, n_trials, metric, direction), flush=True)
+        if children is not None:
+            best = best_of(trials, direction)
+            children.log_progress(sum(counts_toward_n_trials(t) for t in trials), best.value if best else None)
         return list(returns)
 
     def _tell(self, study, trial, job_return) -> str | None:

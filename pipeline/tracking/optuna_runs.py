@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow.parent_run_id"  # study user attributes: the study's MLflow parent run...
 TRACKING_URI_ATTR = "mlflow.tracking_uri"  # ... and the store it is in
+STOPPED_TAG = "sweep.stopped"  # the parent's: why the study stopped (n_trials reached, or patience)
 
 
 def parent_run(config: DictConfig, tracking_uri: str, create: Callable[[Mapping[str, str]], str]) -> str:
@@ -111,6 +112,27 @@ class Children:
                 client.set_terminated(run.info.run_id, "FAILED")
                 log.warning("optuna: trial %s died with its process; child run %s marked FAILED", number,
                             run.info.run_id)
+
+    def log_progress(self, finished: int, best: float | None) -> None:
+        """`trials_finished` and `best_so_far` on the parent, stepped by finished trials,
+        so the MLflow UI charts the search while it runs."""
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        metrics = [Metric("trials_finished", finished, now, finished)]
+        if best is not None:
+            metrics.append(Metric("best_so_far", best, now, finished))
+        try:
+            MlflowClient(self.tracking_uri).log_batch(self.parent_run_id, metrics=metrics)
+        except Exception as error:  # watching the search never stops it
+            log.warning("optuna: progress not logged to parent run %s: %s", self.parent_run_id, one_line(error))
+
+    def record_stop(self, reason: str) -> None:
+        """Tag the parent with why the study stopped (`sweep.stopped`)."""
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(self.tracking_uri).set_tag(self.parent_run_id, STOPPED_TAG, reason)
 
     def log_figures(self, study) -> None:
         """Optuna's optimization history, parameter importances (given enough complete

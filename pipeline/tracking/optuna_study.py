@@ -29,7 +29,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError, one_line
-from pipeline.tracking.optuna_trial import PRUNERS, OptunaTrial, monitored_metric, storage_for
+from pipeline.tracking.optuna_trial import (JOURNAL_SCHEME, PRUNERS, OptunaTrial, journal_path, monitored_metric,
+                                            storage_for)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class StudySpec:
 
     Args:
         name: the study's name in its storage.
-        storage: the storage URL (sqlite paths made absolute) or a journal file path.
+        storage: the storage URL, sqlite and journal paths made absolute (`journal:///dir/study.log`).
         direction: `maximize` or `minimize` the optimized metric.
         space: the searched keys, in order, and their Optuna distributions.
         fixed: the command line's other overrides, passed to every trial as typed.
@@ -76,6 +77,9 @@ class StudySpec:
                               f"optimized_metric={metric} has none: use a final_val_* metric or pruner=none")
         if int(sweeper.get("n_trials") or 0) < 1:
             raise ConfigError(f"hydra.sweeper.n_trials must be >= 1. Received: {sweeper.get('n_trials')}")
+        from pipeline.tracking.optuna_progress import Patience
+
+        Patience.of(sweeper, direction)  # a bad patience or min_delta fails here
         space, fixed = search_space(sweeper.get("params") or {}, list(config.hydra.overrides.task))
         if not space:
             raise ConfigError("hparams_search=optuna has nothing to search: hydra.sweeper.params is empty")
@@ -87,7 +91,7 @@ class StudySpec:
 
     def redacted_storage(self) -> str:
         """The storage URL without its password, for tags and messages."""
-        if "://" not in self.storage:
+        if self.storage.startswith(JOURNAL_SCHEME):
             return self.storage
         from sqlalchemy.engine import make_url
 
@@ -228,12 +232,13 @@ def trial_overrides(spec: StudySpec, params: Mapping[str, Any]) -> list[str]:
 
 
 def absolute_storage(storage: str) -> str:
-    """A sqlite URL or journal path relative to the launch directory, made absolute so that
-    jobs in other processes and directories open the same file."""
+    """A sqlite URL or journal file relative to the launch directory, made absolute so that
+    jobs in other processes and directories open the same file; a bare path is a journal
+    file (`journal:///abs/path`)."""
     if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////") and ":memory:" not in storage:
         return "sqlite:///" + str(Path(storage.removeprefix("sqlite:///")).absolute())
-    if "://" not in storage:
-        return str(Path(storage).absolute())
+    if storage.startswith(JOURNAL_SCHEME) or "://" not in storage:
+        return JOURNAL_SCHEME + str(Path(journal_path(storage)).absolute())
     return storage
 
 
