@@ -12,9 +12,17 @@ import logging
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.utils import io_utils
 
 log = logging.getLogger(__name__)
+
+
+def _print(message: str) -> None:
+    """What Keras's own callbacks print (`keras.src.utils.io_utils.print_msg`, not public):
+    to stdout in interactive logging, else to the log."""
+    if keras.config.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        log.info(message)
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
@@ -57,9 +65,10 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         self._has_best, self._in_variables = False, None
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
-        # Keras 3.15's, with `_keep_best_weights()` for `best_weights = model.get_weights()`.
+        # Keras 3.15's, with `_keep_best_weights()` for `best_weights = model.get_weights()`
+        # and `improves` for `_is_improvement` (tests/test_keras_canary.py: revisit on change).
         if self.monitor_op is None:
-            self._set_monitor_op()  # once the model's metrics are built
+            self._set_monitor_op()  # once the model's metrics are built (Keras's own, private: canary)
         current = self.get_monitor_value(logs)
         if current is None or epoch < self.start_from_epoch:
             return
@@ -67,12 +76,12 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
             self._keep_best_weights()  # never set: the current weights are the best
             self.best_epoch = epoch
         self.wait += 1
-        if self._is_improvement(current, self.best):
+        if self.improves(current, self.best):
             self.best = current
             self.best_epoch = epoch
             if self.restore_best_weights:
                 self._keep_best_weights()
-            if self.baseline is None or self._is_improvement(current, self.baseline):
+            if self.baseline is None or self.improves(current, self.baseline):
                 self.wait = 0  # beat both the baseline and the previous best
             return
         if self.wait >= self.patience and epoch > 0:
@@ -81,10 +90,10 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_end(self, logs=None) -> None:
         if self.stopped_epoch > 0 and self.verbose > 0:
-            io_utils.print_msg(f"Epoch {self.stopped_epoch + 1}: early stopping")
+            _print(f"Epoch {self.stopped_epoch + 1}: early stopping")
         if self.restore_best_weights and self.has_best_weights:
             if self.verbose > 0:
-                io_utils.print_msg(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
+                _print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             self.checkpoint_state()
             self._copy_from_best()
         if self.stopped_epoch > 0:  # the last "Epoch N/M" line is not the model the run exports
@@ -111,12 +120,13 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
     def has_best_weights(self) -> bool:
         return self._has_best
 
-    def _is_improvement(self, monitor_value, reference_value) -> bool:
-        # Keras's compares with an eager op (`ops.less` / `ops.greater`); the same in Python.
+    def improves(self, monitor_value, reference_value) -> bool:
+        """Whether `monitor_value` beats `reference_value` (None: nothing to beat) by more
+        than `min_delta`: Keras's `_is_improvement`, which compares with an eager op
+        (`ops.less` / `ops.greater`), in Python. `min_delta` is negative for `ops.less`, as
+        Keras's `_set_monitor_op` leaves it."""
         if reference_value is None:
             return True
-        if self.monitor_op not in (keras.ops.less, keras.ops.greater):
-            return bool(super()._is_improvement(monitor_value, reference_value))
         value = float(monitor_value) - self.min_delta
         return value < reference_value if self.monitor_op is keras.ops.less else value > reference_value
 

@@ -99,6 +99,16 @@ def test_logical_cpus_after_tensorflow_started_is_a_config_error() -> None:
         distribute.strategy_for(OmegaConf.create({"kind": "mirrored", "logical_cpus": 3, "timeout_seconds": 1}))
 
 
+def test_nested_layers_reach_the_layers_of_nested_models() -> None:
+    # synchronize_batch_norm walks them: an ensemble's member with BatchNormalization must be reached.
+    member = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()],
+                              name="member")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(member(inputs)))
+    names = [layer.name for layer in distribute.nested_layers(model)]
+    assert "member" in names and member.layers[1].name in names, names
+
+
 def test_one_device_changes_nothing() -> None:
     strategy = distribute.strategy_for(None)
     assert distribute.num_replicas(strategy) == 1 and distribute.is_chief(strategy)
@@ -124,7 +134,7 @@ MIRRORED = textwrap.dedent(
         model = mlp_bn.build(InputSpec(shape=(8, 8, 1), dtype="uint8", num_classes=10))
     changed = distribute.synchronize_batch_norm(model, strategy)
     print(json.dumps({"metrics": metrics, "replicas": strategy.num_replicas_in_sync, "synchronized": changed,
-                      "all_synchronized": all(l.synchronized for l in model._flatten_layers()
+                      "all_synchronized": all(l.synchronized for l in model.layers
                                               if isinstance(l, keras.layers.BatchNormalization))}))
     """
 )

@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError, PipelineError, one_line
 from pipeline.training import multi_worker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import keras
     import tensorflow as tf
@@ -196,10 +196,14 @@ def num_replicas(strategy: tf.distribute.Strategy) -> int:
 
 
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """A MultiWorkerMirroredStrategy over more than one worker (chief and worker tasks,
+    as TensorFlow counts them); without a cluster in TF_CONFIG it runs as one worker."""
     import tensorflow as tf
 
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
-        strategy.extended._in_multi_worker_mode()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", [])) > 1
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -252,6 +256,18 @@ def steps_per_execution(configured: int, strategy: tf.distribute.Strategy) -> in
 
 
 # -- the model -------------------------------------------------------------------------
+def nested_layers(model: keras.Model) -> Iterator[keras.Layer]:
+    """Every layer of `model`, and of the models nested in it (an ensemble's members),
+    depth first, through the public `Model.layers`. A layer built inside a custom layer
+    (not a model) is not listed: none of `architectures/` has a BatchNormalization there."""
+    import keras
+
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from nested_layers(layer)
+
+
 def synchronize_batch_norm(model: keras.Model, strategy: tf.distribute.Strategy) -> list[str]:
     """With more than one replica, make every BatchNormalization layer compute its batch
     statistics over the global batch (`synchronized=True`): per-replica statistics make
@@ -261,7 +277,7 @@ def synchronize_batch_norm(model: keras.Model, strategy: tf.distribute.Strategy)
     if num_replicas(strategy) == 1:
         return []
     changed = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in nested_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized:
             layer.synchronized = True  # read at call time, so before the first trace is enough
             changed.append(layer.path if hasattr(layer, "path") else layer.name)

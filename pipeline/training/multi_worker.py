@@ -28,8 +28,7 @@ def strategy(config: dict, timeout_seconds: float) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy from TF_CONFIG (`config`, as
     `pipeline.training.distribute.cluster_spec` parsed and checked it), with no unbounded wait."""
     import tensorflow as tf
-    from tensorflow.python.distribute import multi_worker_util
-    from tensorflow.python.eager import context
+    from tensorflow.python.eager import context  # no public API configures the coordination service
 
     from pipeline.training import keras_multiworker_fix
 
@@ -46,7 +45,9 @@ def strategy(config: dict, timeout_seconds: float) -> tf.distribute.Strategy:
 
         context.context().configure_coordination_service(
             service_type="standalone",
-            service_leader=multi_worker_util.coordination_leader(cluster),
+            # The chief, else worker 0: TensorFlow's choice (multi_worker_util.coordination_leader)
+            # for a cluster without parameter servers.
+            service_leader=f"/job:{'chief' if 'chief' in cluster.jobs else 'worker'}/replica:0/task:0",
             cluster_register_timeout_in_ms=milliseconds,
             heartbeat_timeout_in_ms=milliseconds,
             shutdown_barrier_timeout_in_ms=milliseconds,
