@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import inspect
 import re
+import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -145,6 +148,33 @@ def optuna_heartbeat() -> None:
     thread = get_heartbeat_thread(trial_id, storage)
     thread.start()
     thread.join()
+
+
+@canary(Private(
+    "`optuna.storages._heartbeat.BaseHeartbeat` (implemented), `FrozenTrial._trial_id`", "optuna", "5.1.0",
+    "pipeline/tracking/optuna_journal.py",
+    "Optuna fails a dead process's trials only on storages that implement this base; the journal storage "
+    "gets heartbeats by implementing it"))
+def optuna_heartbeat_base() -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+    from optuna.storages.journal import JournalFileBackend
+
+    from pipeline.tracking.optuna_journal import HeartbeatJournalStorage
+
+    implemented = {"record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval",
+                   "get_heartbeat_stale_trial_callback"}
+    assert BaseHeartbeat.__abstractmethods__ == implemented, sorted(BaseHeartbeat.__abstractmethods__)
+    with tempfile.TemporaryDirectory() as directory:
+        storage = HeartbeatJournalStorage(JournalFileBackend(str(Path(directory) / "journal.log")), 60, 120)
+        assert isinstance(storage, JournalStorage) and is_heartbeat_enabled(storage)
+        study = optuna.create_study(storage=storage)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Heartbeat of storage is supposed to be used with Study.optimize"
+            trial = study.ask()
+        frozen = storage.get_all_trials(storage.get_study_id_from_name(study.study_name))[0]
+        assert frozen._trial_id == trial._trial_id
 
 
 # -- MLflow -------------------------------------------------------------------------------
