@@ -16,7 +16,6 @@ With `--docs`, the figures go into docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
@@ -52,7 +51,6 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = {}
     steadiness = host_steadiness()
     print(steadiness, flush=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -143,7 +142,6 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds of bare, tuned, pipeline")
     parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     ratios: dict[str, dict[str, Ratio]] = {"bare": {}, "tuned": {}}  # baseline -> architecture -> pipeline/baseline
     steadiness = host_steadiness()
     print(steadiness, flush=True)

@@ -20,26 +20,22 @@ Ratios are medians of interleaved pairs, each run timed by its fastest steady ep
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import keras
+import tensorflow as tf
+
 from benchmarks.common import EpochTimer, Throughput, host_steadiness, interleaved, measured_on, update_docs
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from pipeline import data  # noqa: E402
-from pipeline.config import compose  # noqa: E402
-from pipeline.train import build_model  # noqa: E402
-from pipeline.training import precision  # noqa: E402
-from pipeline.training.guarded import GuardedModel, TrainProgress  # noqa: E402
-from pipeline.training.optim import Adam  # noqa: E402
-from pipeline.training.train_state import StepGuard  # noqa: E402
+from pipeline import data
+from pipeline.config import compose
+from pipeline.train import build_model
+from pipeline.training import precision
+from pipeline.training.guarded import GuardedModel, TrainProgress
+from pipeline.training.optim import Adam
+from pipeline.training.train_state import StepGuard
 
 
 def splits_for(data_dir: str):

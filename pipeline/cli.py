@@ -27,6 +27,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import extras
 from pipeline.errors import PipelineError, TrainingInterrupted
 from pipeline.redact import redact
 
@@ -238,6 +239,7 @@ def run(hydra_main: Callable[[], Any]) -> None:
     _task_started = False
     signal.signal(signal.SIGTERM, _terminate)
     if _full_error_requested:
+        extras.require_launcher(sys.argv[1:])
         hydra_main()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise composition errors to us
@@ -246,6 +248,7 @@ def run(hydra_main: Callable[[], Any]) -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.raiseExceptions = False  # a log file on a full disk must not bury the real error
     try:
+        extras.require_launcher(sys.argv[1:])  # a missing plugin: one line naming its extra, not Hydra's
         hydra_main()
     except PipelineError as error:
         fail(error, error.exit_code)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from pipeline import extras
 from pipeline.errors import PipelineError
 from pipeline.redact import redact, split_credentials
 
@@ -32,11 +33,14 @@ def tracking_uri_exporting_credentials(configured: str | None) -> str:
 def require_server(uri: str) -> None:
     """For a tracking server's `uri` (http, https), check that it answers: MLflow's own
     HTTP retries would take minutes to give up, so an unreachable server costs seconds,
-    not a trained model. Other stores (sqlite, a directory) pass.
+    not a trained model. For a database server's (postgresql://), that its driver is
+    installed. Other stores (sqlite, a directory) pass.
 
     Raises:
         PipelineError: the server does not answer.
+        ConfigError: the database's driver is missing (`pip install -e '.[postgres]'`).
     """
+    extras.require_driver(uri, "mlflow.tracking_uri")
     if not uri.startswith(("http://", "https://")):
         return
     import requests

@@ -52,6 +52,28 @@ def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(module: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`python -m module argv...` (an entry point: pipeline.train, evaluate, inspect) in
+    this process, through the same `cli_main` the command runs: (exit code, stdout, stderr).
+    The caller restores `sys.argv` (`monkeypatch.setattr(sys, "argv", sys.argv)`)."""
+    import importlib
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    # Hydra's logging setup would bind handlers to pytest's capture streams, which close.
+    sys.argv = [module, *argv, "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    GlobalHydra.instance().clear()
+    code = 0
+    try:
+        importlib.import_module(module).cli_main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 # Tests sharing an expensive session fixture run on one xdist worker (`--dist loadgroup`
 # in pyproject.toml), which builds it once: {fixture, direct or not: xdist group}.
 SHARED_FIXTURE_GROUPS = {"default_run": "default_run", "mlflow_server": "mlflow_server"}

@@ -16,11 +16,9 @@ import mlflow
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import REPO, TrainedRun, compose_plan
-from hydra.core.global_hydra import GlobalHydra
+from conftest import REPO, TrainedRun, compose_plan, run_in_process
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import cli_main
 
 # (argv after `python -m pipeline.train`, exit code, text the single error line must contain)
 BAD_INPUTS = [
@@ -90,16 +88,11 @@ CONFIG_GROUPS = sorted(p.name for p in (REPO / "conf").iterdir()
                        if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
 
 
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
-    """`python -m pipeline.train *argv` in this process: (exit code, stderr lines)."""
-    # Hydra's logging setup would bind handlers to pytest's capture streams, which close.
-    sys.argv = ["pipeline.train", *argv, "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    GlobalHydra.instance().clear()
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main()
-    err = capsys.readouterr().err
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture, module: str = "pipeline.train") -> tuple[int, list[str]]:
+    """`python -m module *argv` (pipeline.train unless said) in this process: (exit code, stderr lines)."""
+    code, _, err = run_in_process(module, argv, capsys)
     assert "Traceback" not in err, err
-    return exit_info.value.code, [line for line in err.splitlines() if line.strip()]
+    return code, [line for line in err.splitlines() if line.strip()]
 
 
 def error_lines(lines: list[str]) -> list[str]:

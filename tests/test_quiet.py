@@ -93,6 +93,17 @@ def test_a_first_run_on_a_cpu_machine_prints_no_false_alarms(mlflow_store: str, 
             f"in {tmp_path / 'fresh_tfds' / 'digits' / '1.0.0'}") in result.stdout
 
 
+def test_a_benchmarks_help_prints_no_cuda_probing() -> None:
+    # Every `python -m benchmarks.NAME` imports the package first (benchmarks/__init__.py),
+    # which imports TensorFlow through pipeline.quiet: what callbacks_overhead shows, all show.
+    # CUDA_VISIBLE_DEVICES="": no GPU is expected, even on a machine with one (where it probes all the same).
+    result = subprocess.run([sys.executable, "-m", "benchmarks.callbacks_overhead", "--help"], cwd=REPO,
+                            capture_output=True, timeout=120,
+                            env={**os.environ, "PIPELINE_SHOW_TF_INIT": "0", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0 and result.stdout.startswith(b"usage: "), result.stderr[-3000:]
+    assert not quiet.CUDA_PROBING.search(result.stderr), result.stderr.decode()
+
+
 def test_tensorflow_retracing_warning_is_dropped_from_a_process_second_run_only(monkeypatch, caplog):
     """A sweep's later jobs each compile new functions from the same code, which
     TensorFlow reports as retracing; a process's first run still shows the warning."""

@@ -27,7 +27,6 @@ quick start's fresh interpreter and a few seconds per in-process smoke run.
 from __future__ import annotations
 
 import ast
-import importlib
 import os
 import re
 import shlex
@@ -38,8 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, new_mlflow_store, run_module
-from hydra.core.global_hydra import GlobalHydra
+from conftest import REPO, new_mlflow_store, run_in_process, run_module
 from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, stop_process_group, wait_until_answers
 
@@ -474,22 +472,6 @@ def in_quick_start_dir(quick_start: QuickStart, monkeypatch: pytest.MonkeyPatch)
     mlflow.set_tracking_uri("sqlite:///mlflow.db")
     yield quick_start
     mlflow.set_tracking_uri(previous)
-
-
-def run_in_process(module: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """`python -m module argv...` in this process: (exit code, stdout, stderr)."""
-    # Hydra's logging setup would bind handlers to pytest's capture streams, which close.
-    sys.argv = [module, *argv, "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    GlobalHydra.instance().clear()
-    code = 0
-    try:
-        importlib.import_module(module).cli_main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        GlobalHydra.instance().clear()
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def check_outcome(command: Command, code: int, out: str, err: str) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import extras
 from pipeline.errors import ConfigError, one_line
 from pipeline.tracking.optuna_trial import (JOURNAL_SCHEME, PRUNERS, OptunaTrial, journal_path, monitored_metric,
                                             storage_for)
@@ -84,6 +85,7 @@ class StudySpec:
         if not space:
             raise ConfigError("hparams_search=optuna has nothing to search: hydra.sweeper.params is empty")
         storage = absolute_storage(str(sweeper.get("storage") or "sqlite:///optuna.db"))
+        extras.require_driver(storage, "hydra.sweeper.storage")
         name = sweeper.get("study_name") or default_study_name(
             str(OmegaConf.select(config, "mlflow.experiment_name", default="") or "study"), space, fixed)
         return cls(name=str(name), storage=storage, direction=direction, space=space, fixed=tuple(fixed),
