@@ -169,7 +169,8 @@ def measured_on() -> str:
         flags = set(next(line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")))
         has = " ".join(flag for flag in CPU_FLAGS if flag in flags) or "none"
         lacks = " ".join(flag for flag in CPU_FLAGS if flag not in flags)
-        cpu += f" ({has}; no {lacks})" if lacks else f" ({has})"  # e.g. AMD EPYC (avx2; no avx512f avx512_bf16 amx_bf16)
+        # e.g. AMD EPYC (avx2; no avx512f avx512_bf16 amx_bf16)
+        cpu += f" ({has}; no {lacks})" if lacks else f" ({has})"
     except (OSError, StopIteration):
         cpu = f"{platform.processor() or platform.machine()} (CPU flags unknown)"
     return (f"Measured {time.strftime('%Y-%m-%d')} on {cpu}, {os.cpu_count()} cores; Python "

@@ -40,7 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -118,12 +118,19 @@ def count_run() -> int:
     return _runs
 
 
-def filtering_wanted() -> bool:
-    """False with PIPELINE_SHOW_TF_INIT=1, or where a GPU is expected."""
-    if os.environ.get("PIPELINE_SHOW_TF_INIT") == "1":
+def filtering_wanted(environ: Mapping[str, str] | None = None, nvidia_driver: bool | None = None) -> bool:
+    """False with PIPELINE_SHOW_TF_INIT=1, or where a GPU is expected: an NVIDIA driver is
+    loaded and CUDA_VISIBLE_DEVICES does not hide every device ("" or "-1").
+
+    Args:
+        environ: the environment (default: this process's).
+        nvidia_driver: whether an NVIDIA driver is loaded (default: /proc/driver/nvidia exists).
+    """
+    environ = os.environ if environ is None else environ
+    nvidia_driver = Path("/proc/driver/nvidia").exists() if nvidia_driver is None else nvidia_driver
+    if environ.get("PIPELINE_SHOW_TF_INIT") == "1":
         return False
-    gpu_expected = Path("/proc/driver/nvidia").exists() and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
-    return not gpu_expected
+    return not (nvidia_driver and environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1"))
 
 
 def _min_log_level() -> int:

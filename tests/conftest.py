@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import pytest
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from pipeline.config import compose as compose_config  # noqa: F401  (the real conf/, as the entry points compose it)
 from pipeline.plan import compose as compose_plan  # noqa: F401  (a run's plan, as python -m pipeline.train resolves it)
@@ -72,6 +73,22 @@ def run_in_process(module: str, argv: list[str], capsys: pytest.CaptureFixture) 
         GlobalHydra.instance().clear()
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# Every job of the tests' sweeps trains one epoch, silently (test_sweeps.py, test_scale_sweeps.py).
+SWEEP_JOB = ("trainer.epochs=1", "trainer.verbose=0")
+
+
+def sweep_runs(client: MlflowClient, experiment: str = "digits"):
+    """(parent, children sorted by job number) of the one sweep in `experiment`."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    (parent,) = parents
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.tags["sweep.job"]))
+    assert len(children) == len(runs) - 1, "every other run is a child of the sweep"
+    return parent, children
 
 
 # Tests sharing an expensive session fixture run on one xdist worker (`--dist loadgroup`

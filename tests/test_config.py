@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, compose_config, run_module
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
 from pipeline.config import validate
@@ -21,6 +22,13 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
 
 
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; an empty mapping is a leaf of its own."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {key: value for name, child in tree.items() for key, value in leaves(child, f"{prefix}{name}.").items()}
+
+
 @pytest.mark.parametrize(
     "group, option",
     [(group, option) for group in GROUPS for option in group_options(group)],
@@ -28,12 +36,34 @@ def group_options(group: str) -> list[str]:
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
     cfg = compose_config([f"{group}={option}"])
     validate(cfg)
-    assert OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    # The group holds the chosen option: every value its file sets (not its defaults list) is the composed
+    # value (an interpolation, e.g. ${dataset.name}, resolves in the whole config: it must be there), and an
+    # empty option (callbacks=none) composes to an empty group.
+    composed = leaves(OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=True))
+    own = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / group / f"{option}.yaml"))
+    own.pop("defaults", None)
+    assert own or composed == {"": {}}, f"{group}={option} sets nothing, yet composes to {composed}"
+    for key, value in leaves(own).items():
+        if isinstance(value, str) and "${" in value:
+            assert key in composed, f"{group}={option}: {group}.{key} is missing"
+        else:
+            assert composed.get(key, "<absent>") == value, f"{group}.{key} is {composed.get(key)!r}, not {value!r}"
 
 
-def test_every_group_has_options() -> None:
+def test_every_group_option_hydra_offers_is_tested() -> None:
+    # The options Hydra lets a user pick (config files and ConfigStore entries alike) are the ones
+    # `group_options` finds, so the test above composes every one of them; and the default
+    # conf/train.yaml picks is one of them.
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    defaults = {group: option for entry in OmegaConf.load(REPO / "conf" / "train.yaml").defaults
+                if isinstance(entry, DictConfig) for group, option in entry.items()}
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        offered = {group: sorted(GlobalHydra.instance().config_loader().get_group_options(group)) for group in GROUPS}
     for group in GROUPS:
-        assert group_options(group), f"conf/{group}/ has no options"
+        assert offered[group] == group_options(group), f"Hydra offers {offered[group]} for {group}"
+        assert defaults[group] in offered[group], f"conf/train.yaml's default {group}={defaults[group]} is no option"
 
 
 def test_user_facing_keys_exist_with_sane_defaults() -> None:

@@ -187,16 +187,18 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def running_trial_runs(tmp_path: Path) -> list[str]:
-    """Trial numbers of the RUNNING child runs, read straight from the sqlite store: polling
-    through MlflowClient takes seconds on a loaded machine, longer than a trial runs."""
+def running_trial_runs(tmp_path: Path, epochs_logged: int = 0) -> list[str]:
+    """Trial numbers of the RUNNING child runs that have logged at least `epochs_logged`
+    epochs (`val_loss`), read straight from the sqlite store: polling through MlflowClient
+    takes seconds on a loaded machine, longer than a trial runs."""
     import sqlite3
 
     try:
         with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db", timeout=1)) as db:
             return [value for (value,) in db.execute(
                 "select t.value from runs r join tags t on r.run_uuid = t.run_uuid "
-                "where t.key = 'optuna.trial_number' and r.status = 'RUNNING'")]
+                "where t.key = 'optuna.trial_number' and r.status = 'RUNNING' and (select count(*) from metrics m "
+                "where m.run_uuid = r.run_uuid and m.key = 'val_loss') >= ?", (epochs_logged,))]
     except sqlite3.Error:  # no store yet, or it is busy
         return []
 
@@ -210,8 +212,8 @@ def test_a_search_killed_with_sigkill_continues_with_the_same_command(tfds_dir: 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: "1" in running_trial_runs(tmp_path), 300, "trial 1's MLflow run to open")
-        time.sleep(1)
+        # Mid-trial: its run is open and has trained an epoch of its 8.
+        wait_for(lambda: "1" in running_trial_runs(tmp_path, epochs_logged=1), 300, "trial 1 to log an epoch")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -69,20 +69,25 @@ def test_what_an_aborting_process_wrote_still_reaches_stderr() -> None:
     assert result.stderr == "F0000 00:00:1.2   7 op.cc:1] Check failed: fatal\n"
 
 
-def test_filtering_is_off_on_request_and_where_a_gpu_is_expected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PIPELINE_SHOW_TF_INIT", "1")
-    assert not quiet.filtering_wanted()
-    monkeypatch.delenv("PIPELINE_SHOW_TF_INIT")
-    assert quiet.filtering_wanted() == (not Path("/proc/driver/nvidia").exists())
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose: CUDA finds none, as expected
-    assert quiet.filtering_wanted()
+@pytest.mark.parametrize(("environ", "nvidia_driver", "filtered"), [
+    ({}, False, True),  # a CPU-only machine: CUDA's probing finds nothing, as expected
+    ({}, True, False),  # a GPU machine: a CUDA failure there is news
+    ({"CUDA_VISIBLE_DEVICES": "0"}, True, False),
+    ({"CUDA_VISIBLE_DEVICES": ""}, True, True),  # GPUs hidden on purpose: CUDA finds none, as asked
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, True, True),
+    ({"PIPELINE_SHOW_TF_INIT": "1"}, False, False),  # asked to show everything
+    ({"PIPELINE_SHOW_TF_INIT": "0"}, False, True),
+])
+def test_filtering_is_off_on_request_and_where_a_gpu_is_expected(environ, nvidia_driver, filtered) -> None:
+    assert quiet.filtering_wanted(environ, nvidia_driver) is filtered
 
 
-@pytest.mark.skipif(not quiet.filtering_wanted(), reason="a GPU is expected here: its probing is not hidden")
 def test_a_first_run_on_a_cpu_machine_prints_no_false_alarms(mlflow_store: str, tmp_path: Path) -> None:
-    # No TF_CPP_MIN_LOG_LEVEL of the test's: the user's default (pipeline.cli sets 1).
+    # No TF_CPP_MIN_LOG_LEVEL of the test's: the user's default (pipeline.cli sets 1). CUDA_VISIBLE_DEVICES="":
+    # no GPU is expected, so this runs as on a CPU-only machine even where a GPU is (which probes all the same).
     result = run_module("pipeline.train", "debug=smoke", f"dataset.data_dir={tmp_path / 'fresh_tfds'}",
-                        f"mlflow.tracking_uri={mlflow_store}", cwd=tmp_path, env={"TF_CPP_MIN_LOG_LEVEL": "1"},
+                        f"mlflow.tracking_uri={mlflow_store}", cwd=tmp_path,
+                        env={"TF_CPP_MIN_LOG_LEVEL": "1", "CUDA_VISIBLE_DEVICES": "", "PIPELINE_SHOW_TF_INIT": "0"},
                         timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for noise in ["cuInit", "cuda", "absl::InitializeLog", "oneDNN", "Generating splits"]:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import REPO, run_module
+from conftest import REPO, SWEEP_JOB, run_module, sweep_runs
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, PostgresCluster, postgres, postgres_mlflow_server  # noqa: F401  (fixtures)
-from test_sweeps import TINY, sweep_runs
 
 LAUNCHER_PRESETS = sorted((REPO / "conf" / "hydra" / "launcher").glob("*.yaml"))
 
@@ -74,7 +73,8 @@ def test_submitit_local_jobs_are_children_of_one_parent(mlflow_server: str, tfds
     # Its own experiment and no registration: the session's server is shared with other tests.
     result = run_module("pipeline.train", "-m", "hydra/launcher=submitit_local", "mlflow=server",
                         "mlflow.experiment_name=submitit_sweep", "mlflow.log_model=false", "optimizer.lr=1e-3,1e-2",
-                        *TINY, f"dataset.data_dir={tfds_dir}", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server})
+                        *SWEEP_JOB, f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
+                        env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(mlflow_server)
@@ -93,7 +93,7 @@ def test_submitit_local_jobs_are_children_of_one_parent(mlflow_server: str, tfds
 def test_ray_jobs_are_children_of_one_parent(mlflow_server: str, tfds_dir: str, tmp_path: Path) -> None:
     result = run_module("pipeline.train", "-m", "hydra/launcher=ray_local", "mlflow=server",
                         "mlflow.experiment_name=ray_sweep", "mlflow.log_model=false", "optimizer.lr=1e-3,1e-2",
-                        *TINY, f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
+                        *SWEEP_JOB, f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
                         # Ray would otherwise try to report usage statistics over the network.
                         env={"MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,7 +117,7 @@ def test_parallel_sweep_into_mlflow_on_postgresql(postgres: PostgresCluster,  # 
     assert postgres_mlflow_server.backend_store_uri.startswith("postgresql+psycopg2://")
     # register=all: every job registers a version, in parallel, against PostgreSQL (the default registers the best).
     result = run_module("pipeline.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mlflow=server",
-                        "hydra.callbacks.sweep.register=all", "optimizer.lr=1e-3,3e-3,1e-2,3e-2", *TINY,
+                        "hydra.callbacks.sweep.register=all", "optimizer.lr=1e-3,3e-3,1e-2,3e-2", *SWEEP_JOB,
                         f"dataset.data_dir={tfds_dir}", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": url})
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -14,26 +14,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO, compose_config, compose_plan, new_mlflow_store, run_module
+from conftest import REPO, SWEEP_JOB, compose_config, compose_plan, new_mlflow_store, run_module, sweep_runs
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import validate
 from pipeline.tracking import sweep, sweep_summary
 
-# Every job of these sweeps trains one epoch, silently, on the session's digits.
-TINY = ("trainer.epochs=1", "trainer.verbose=0")
-
-def sweep_runs(client: MlflowClient, experiment: str = "digits"):
-    """(parent, children sorted by job number) of the one sweep in `experiment`."""
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, [r.info.run_name for r in parents]
-    (parent,) = parents
-    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                      key=lambda r: int(r.data.tags["sweep.job"]))
-    assert len(children) == len(runs) - 1, "every other run is a child of the sweep"
-    return parent, children
+TINY = SWEEP_JOB  # every job of these sweeps trains one epoch, silently, on the session's digits
 
 
 def summary_table(client: MlflowClient, parent) -> dict[str, list]:
