@@ -9,6 +9,36 @@ import keras
 
 
 @dataclass(frozen=True)
+class Column:
+    """One column of a table, which the model takes raw and encodes itself
+    (`architectures.columns`), so its export needs none of this project's code.
+
+    Args:
+        name: the column's name in the table's header.
+        key: the model's input for it: `name` made an identifier (`alcohol %` ->
+            `alcohol__`), unique in the table.
+        dtype: "float32" for a numeric column (standardized by `mean` and `variance`),
+            "string" for a categorical one (one-hot over `vocabulary`, plus one slot
+            for a value not in it).
+        mean: of the column on the training split.
+        variance: of the column on the training split.
+        vocabulary: the categories seen in the training split, sorted.
+    """
+
+    name: str
+    key: str
+    dtype: str
+    mean: float = 0.0
+    variance: float = 1.0
+    vocabulary: tuple[str, ...] = ()
+
+    @property
+    def width(self) -> int:
+        """How many features the column becomes: 1, or one per category plus one."""
+        return 1 if self.dtype == "float32" else len(self.vocabulary) + 1
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """What a builder needs to know about the data, derived from the dataset at run time.
 
@@ -22,6 +52,9 @@ class InputSpec:
             datasets of images only.
         heads: (label name, number of classes) of each label of a multi-label dataset,
             e.g. (("binary", 2), ("category", 3)); empty for single-label datasets.
+        columns: a table's columns, which the model takes raw, by name; `shape` is then
+            (number of encoded features,), what a builder receives (see
+            `architectures.columns`). Empty for images.
     """
 
     shape: tuple[int, ...]
@@ -30,6 +63,7 @@ class InputSpec:
     max_value: float = 255.0
     features: int = 0
     heads: tuple[tuple[str, int], ...] = ()
+    columns: tuple[Column, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.shape or any(int(d) < 1 for d in self.shape):
@@ -41,6 +75,11 @@ class InputSpec:
     def multimodal(self) -> bool:
         """Images plus numeric features in, several labels out."""
         return self.features > 0 or bool(self.heads)
+
+    @property
+    def tabular(self) -> bool:
+        """Columns of a table in, by name."""
+        return bool(self.columns)
 
 
 def image_layers(input_spec: InputSpec, name: str = "image") -> tuple[keras.KerasTensor, keras.layers.Rescaling]:

@@ -14,6 +14,9 @@ import keras
 
 from architectures.common import InputSpec, check_positive_int, check_units, classifier_head, image_input
 
+# Builds for a flat feature vector too: trains on tables (architectures/columns.py).
+TABULAR = True
+
 
 @keras.saving.register_keras_serializable(package="architectures")
 class SimpleDense(keras.layers.Layer):

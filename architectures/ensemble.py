@@ -15,6 +15,9 @@ import keras
 from architectures.common import InputSpec
 from architectures.members import ensemble_model
 
+# Builds for a flat feature vector when its members do: trains on tables (architectures/columns.py).
+TABULAR = True
+
 
 def build(
     input_spec: InputSpec,

@@ -20,6 +20,9 @@ from architectures.common import (
     image_input,
 )
 
+# Builds for a flat feature vector too: trains on tables (architectures/columns.py).
+TABULAR = True
+
 
 def build(
     input_spec: InputSpec,

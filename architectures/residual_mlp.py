@@ -14,6 +14,9 @@ import keras
 
 from architectures.common import InputSpec, check_dropout, check_units, classifier_head, image_input
 
+# Builds for a flat feature vector too: trains on tables (architectures/columns.py).
+TABULAR = True
+
 
 def build(
     input_spec: InputSpec,

@@ -14,6 +14,9 @@ import keras
 
 from architectures.common import InputSpec, check_dropout, check_units, classifier_head
 
+# Builds for a flat feature vector too: trains on tables (architectures/columns.py).
+TABULAR = True
+
 
 @keras.saving.register_keras_serializable(package="architectures")
 class SubclassedMLP(keras.Model):

@@ -16,6 +16,9 @@ import keras
 from architectures.common import InputSpec
 from architectures.members import ensemble_model
 
+# Builds for a flat feature vector when its members do: trains on tables (architectures/columns.py).
+TABULAR = True
+
 
 @keras.saving.register_keras_serializable(package="architectures")
 class SoftmaxWeightedAverage(keras.layers.Layer):

@@ -128,9 +128,9 @@ def load_arrays(data_dir: str):
     import tensorflow_datasets as tfds
 
     from pipeline.config import compose
-    from pipeline.data import prepared_builder
+    from pipeline.data import reader
 
-    builder = prepared_builder(compose(["dataset=synthetic_mnist", f"dataset.data_dir={data_dir}"]).dataset)
+    builder = reader(compose(["dataset=synthetic_mnist", f"dataset.data_dir={data_dir}"]).dataset).builder()
     images, labels = tfds.as_numpy(builder.as_dataset(split="train", as_supervised=True, batch_size=-1))
     cut = len(images) - round(len(images) * 0.1)
     return (images[:cut], labels[:cut].astype(np.int64)), (images[cut:], labels[cut:].astype(np.int64))

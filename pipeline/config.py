@@ -14,7 +14,8 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -29,19 +30,57 @@ PRECISION_POLICIES = ("float32", "mixed", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "cosine")
 # Keys of an architecture config that go to `model.compile`, not to its builder.
 RESERVED_ARCHITECTURE_KEYS = ("compile",)
+# Keys of a dataset config that `pipeline.data` reads (batching, shuffling, caching),
+# not the dataset kind its `_target_` names.
+RESERVED_DATASET_KEYS = ("batch_size", "shuffle_buffer", "cache", "inject_nan_at_step")
+CACHE_MODES = ("memory", "disk", "none")
+# dataset.cache was a boolean before `disk` existed: configs recorded then, and the
+# habit of typing it, still mean what they meant.
+CACHE_ALIASES = {"true": "memory", "false": "none"}
 DEBUG_MODES = ("smoke", "overfit", "limit", "profile")
 
 
 @dataclass
 class DatasetConfig:
+    """What every dataset kind has: `pipeline.data` reads these (`RESERVED_DATASET_KEYS`
+    and `val_fraction`), the kind (`_target_`) the rest."""
+
+    _target_: str = MISSING
     name: str = MISSING
-    data_dir: Optional[str] = MISSING
-    prepare: bool = MISSING
     batch_size: int = MISSING
     val_fraction: float = MISSING
     shuffle_buffer: int = MISSING
-    cache: bool = MISSING
+    cache: str = MISSING
     inject_nan_at_step: Optional[int] = MISSING
+
+
+@dataclass
+class TfdsDatasetConfig(DatasetConfig):
+    data_dir: Optional[str] = MISSING
+    prepare: bool = MISSING
+    image_key: Optional[str] = MISSING
+    label_key: Optional[str] = MISSING
+    image_size: Optional[List[int]] = MISSING
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    path: str = MISSING
+    image_size: Optional[List[int]] = MISSING
+    channels: int = MISSING
+    test_fraction: float = MISSING
+    on_bad_file: str = MISSING
+    data_dir: Optional[str] = MISSING
+
+
+@dataclass
+class CsvConfig(DatasetConfig):
+    path: str = MISSING
+    label: str = MISSING
+    drop: List[str] = MISSING
+    categorical: List[str] = MISSING
+    test_fraction: float = MISSING
+    on_missing: str = MISSING
 
 
 @dataclass
@@ -127,7 +166,9 @@ class TrainConfig:
     resume: Optional[str] = None
     reproduce: Optional[str] = None
     determinism: bool = False
-    dataset: DatasetConfig = MISSING
+    # One of the dataset kinds above (TfdsDatasetConfig, ImageFolderConfig, CsvConfig):
+    # each option of the group pulls in its own schema.
+    dataset: Any = MISSING
     # Architectures differ in their hyperparameters; `validate` checks them against the
     # builder's own keyword arguments instead.
     architecture: Dict[str, Any] = MISSING
@@ -141,15 +182,31 @@ class TrainConfig:
     distribution: DistributionConfig = MISSING
     # debug=smoke|overfit|limit (conf/debug/) shrinks the data, debug=profile traces steps; null trains normally.
     debug: Optional[DebugConfig] = None
+    # augment=flip_crop|light|custom (conf/augment/, pipeline/augment.py); options differ in
+    # their keys, which `validate` checks against the augmentation's own arguments.
+    augment: Optional[Dict[str, Any]] = None
 
 
 @dataclass
 class EvaluateConfig:
     model: str = MISSING
     split: str = MISSING
-    dataset: DatasetConfig = MISSING
+    dataset: Any = MISSING
     mlflow: MLflowConfig = MISSING
     log_run: bool = MISSING
+
+
+def cache_mode(value: Any) -> str:
+    """`dataset.cache` as one of `CACHE_MODES` (true and false: memory and none)."""
+    mode = str(value).strip().lower()
+    return CACHE_ALIASES.get(mode, mode)
+
+
+# The name a dataset of files gets by default: `${basename:${.path}}` for a folder,
+# `${stem:${.path}}` for a file (conf/dataset/image_folder.yaml, csv.yaml).
+OmegaConf.register_new_resolver("basename", lambda path: Path(str(path).rstrip("/\\")).expanduser().name,
+                                replace=True)
+OmegaConf.register_new_resolver("stem", lambda path: Path(str(path)).expanduser().stem, replace=True)
 
 
 def register_schemas() -> None:
@@ -158,7 +215,9 @@ def register_schemas() -> None:
     store.store(name="evaluate_schema", node=EvaluateConfig)
     # Stored outside any group, so `--help` lists only the options users pick from.
     for name, node in [
-        ("dataset_schema", DatasetConfig),
+        ("dataset_tfds_schema", TfdsDatasetConfig),
+        ("dataset_image_folder_schema", ImageFolderConfig),
+        ("dataset_csv_schema", CsvConfig),
         ("optimizer_adam_schema", AdamConfig),
         ("optimizer_adamw_schema", AdamWConfig),
         ("optimizer_sgd_schema", SGDConfig),
@@ -199,6 +258,11 @@ def validate(cfg: DictConfig) -> None:
     The value checks run in pure Python first; then the `_target_`s are imported (and
     TensorFlow with them). No data is read, no model built.
     """
+    for key, what in (("path", "the folder of images or the CSV file"), ("label", "the column to predict"),
+                      ("name", "the TFDS dataset's name")):
+        # Before resolving `name`, which may derive from them (`in` is False for a missing value).
+        if key in cfg.dataset.keys() and OmegaConf.is_missing(cfg.dataset, key):
+            raise ConfigError(f"dataset.{key} is missing: give {what}, e.g. dataset.{key}=...")
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as error:
@@ -213,6 +277,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "dataset.val_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _check(cfg, "dataset.shuffle_buffer", lambda v: v >= 1, "must be >= 1")
     _check(cfg, "dataset.inject_nan_at_step", lambda v: v is None or v >= 0, "must be >= 0 or null")
+    _check(cfg, "dataset.cache", lambda v: cache_mode(v) in CACHE_MODES, f"must be one of {CACHE_MODES}")
+    _check(cfg, "dataset.name", lambda v: bool(str(v).strip()), "must not be empty")
     _check(cfg, "trainer.epochs", lambda v: v >= 1, "must be >= 1")
     _check(cfg, "trainer.steps_per_execution", lambda v: v >= 1, "must be >= 1")
     _check(cfg, "trainer.verbose", lambda v: v in (0, 1, 2), "must be 0, 1 or 2")
@@ -254,6 +320,8 @@ def validate(cfg: DictConfig) -> None:
 
     quiet.import_tensorflow()  # the targets' modules import it: without its CUDA probing on a CPU-only machine
     _check_target(cfg, "optimizer")
+    _check_dataset(cfg)
+    _check_augment(cfg)
     builder = _check_target(cfg, "architecture")
     _check_keywords(cfg, "architecture", builder, runtime_args=1)
     if cfg.architecture.get("members") is not None:  # ensembles: before any data is read
@@ -283,6 +351,38 @@ def validate(cfg: DictConfig) -> None:
                               "Received: 0.0")
 
 
+def dataset_arguments(dataset: DictConfig) -> dict[str, Any]:
+    """The keys of a `dataset` config that its kind (`_target_`) takes: all but
+    `RESERVED_DATASET_KEYS`, which `pipeline.data` reads."""
+    return {key: value for key, value in OmegaConf.to_container(dataset, resolve=True).items()
+            if key not in RESERVED_DATASET_KEYS and not str(key).startswith("_")}
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    """The dataset kind can be built from its keys (no data is read): a bad value is
+    refused by the kind's own checks, in one line."""
+    if not cfg.dataset.get("_target_"):  # a config recorded before kinds were named: TFDS
+        return
+    kind = _check_target(cfg, "dataset")
+    _check_keywords(cfg, "dataset", kind, runtime_args=0, reserved=RESERVED_DATASET_KEYS)
+    try:
+        kind(**dataset_arguments(cfg.dataset))
+    except ValueError as error:
+        raise ConfigError(f"dataset.{error}") from None
+
+
+def _check_augment(cfg: DictConfig) -> None:
+    """The augmentation's keys are its arguments, and its values it accepts."""
+    augment = cfg.get("augment")
+    if augment is None or not augment.get("_target_"):
+        return
+    augmentation = _check_target(cfg, "augment")
+    _check_keywords(cfg, "augment", augmentation, runtime_args=0)
+    from pipeline import augment as augment_module
+
+    augment_module.from_config(augment)  # builds the layers of augment=custom too
+
+
 def _check(cfg: DictConfig, key: str, ok: Callable[[Any], Any], rule: str) -> None:
     value = OmegaConf.select(cfg, key)
     if not ok(value):
@@ -303,15 +403,17 @@ def _check_target(cfg: DictConfig, key: str, prefix: str = "") -> Callable[..., 
 
 
 def _check_keywords(
-    cfg: DictConfig, key: str, function: Callable[..., Any], runtime_args: int, prefix: str = ""
+    cfg: DictConfig, key: str, function: Callable[..., Any], runtime_args: int, prefix: str = "",
+    reserved: Sequence[str] = RESERVED_ARCHITECTURE_KEYS,
 ) -> None:
-    """Refuse keys that `function` (a builder or a class) does not accept, naming the key."""
+    """Refuse keys that `function` (a builder or a class) does not accept, naming the key;
+    `reserved` keys are read by the pipeline itself."""
     parameters = list(inspect.signature(function).parameters.values())[runtime_args:]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     accepted = {p.name for p in parameters}
     for name in cfg[key]:
-        if not str(name).startswith("_") and name not in accepted and name not in RESERVED_ARCHITECTURE_KEYS:
+        if not str(name).startswith("_") and name not in accepted and name not in reserved:
             raise ConfigError(
                 f"{prefix}{key}.{name} is not an argument of {cfg[key]._target_}. "
                 f"Accepted: {', '.join(sorted(accepted))}"

@@ -1,9 +1,13 @@
-"""Load a TFDS dataset into train / validation / test tf.data pipelines.
+"""The dataset's train / validation / test tf.data pipelines, whatever its kind.
 
-Any TFDS dataset with an image and a class label works (`dataset.name=mnist` on a
-machine with network). `digits`, the default, ships with this project and needs none.
-A dataset is prepared once into `dataset.data_dir` and read with `download=False` ever
-after.
+    splits = data.load(cfg.dataset, seed=cfg.seed, augment=augment.from_config(cfg.augment))
+
+`cfg.dataset._target_` names the kind (`pipeline.datasets`: a prepared TFDS dataset,
+a folder of images, a CSV table), built from its own keys; it reads unbatched examples.
+This module batches, shuffles, caches and augments them the same way for every kind:
+the training pipeline yields every epoch back to back, its order a function of the
+run's seed and the epoch alone, which is what makes a resumed run continue exactly
+where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -11,38 +15,43 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from pathlib import Path
 
-import numpy as np
+import hydra
 import tensorflow as tf
-import tensorflow_datasets as tfds
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-import pipeline.datasets  # noqa: F401  (registers the project's own TFDS builders)
 from architectures.common import InputSpec
-from pipeline.errors import DatasetError, one_line
+from pipeline.config import cache_mode, dataset_arguments
+from pipeline.datasets.examples import Examples, Lineage
+from pipeline.errors import ConfigError, DatasetError
 
 # The graph-level seed of the per-epoch shuffle (its operation seed is (seed, epoch)).
 SHUFFLE_GRAPH_SEED = 20261126
+# Configs recorded before a dataset named its kind (`_target_`) are TFDS datasets.
+TFDS_TARGET = "pipeline.datasets.tfds_dataset.Tfds"
 
 # For the functions this module hands to tf.data: none branches or loops on a tensor,
 # so AutoGraph would only rewrite their source, which costs ~0.2 s at every start.
 graph_as_written = tf.autograph.experimental.do_not_convert
 
+# augment(batch, seed) -> batch: a training batch transformed, `seed` a (2,) int64 tensor
+# fixed by the run's seed, the epoch and the batch (`pipeline.augment`).
+Augment = Callable[[tuple, tf.Tensor], tuple]
+
 
 @dataclass
 class Splits:
-    """Batched pipelines of (image, label) plus what the model and the logs need to know.
+    """Batched pipelines of (inputs, labels) plus what the model and the logs need to know.
 
     `train` yields every epoch from `epoch` (a variable the training loop keeps at the
     current epoch) on, back to back, `steps_per_epoch` batches each: `fit` reads it with
     one iterator and `steps_per_epoch`. `epoch_batches(e)` is epoch `e` alone. The same
-    epoch number gives the same batches in every process, which is what makes a resumed
-    run continue exactly where the interrupted one stopped. `train_batch(epoch, index)`
-    rebuilds one batch.
+    epoch number gives the same batches in every process, augmentation included, which
+    is what makes a resumed run continue exactly where the interrupted one stopped.
+    `train_batch(epoch, index)` rebuilds one batch.
     """
 
     train: tf.data.Dataset
@@ -51,87 +60,76 @@ class Splits:
     input_spec: InputSpec
     sizes: dict[str, int]
     steps_per_epoch: int
-    info: tfds.core.DatasetInfo
+    class_names: tuple[str, ...]
+    lineage: Lineage
     epoch: tf.Variable
     epoch_batches: Callable[[tf.Tensor], tf.data.Dataset]
     train_batch: Callable[[int, int], tuple]
+    skipped: tuple[str, ...] = ()
+    label_names: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
-def prepared_builder(cfg: DictConfig) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `cfg.name`, prepared in `cfg.data_dir` if it was not yet."""
+def reader(cfg: DictConfig):
+    """The dataset kind `cfg._target_` names, built from its own keys (not the batching
+    keys this module reads); a value it refuses is a one-line `ConfigError`."""
     try:
-        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DatasetError(f"dataset.name: no TFDS dataset is called {cfg.name!r}") from None
-    # is_prepared() warns "Variant folder ... has no dataset_info.json" when the folder
-    # does not even exist: a first run, where nothing is wrong.
-    if builder.data_path.exists() and builder.is_prepared():
-        return builder
-    where = builder.data_dir
-    if not cfg.prepare:
-        raise DatasetError(
-            f"dataset {cfg.name!r} is not prepared in {where} and dataset.prepare=false. "
-            f"Prepare it with `tfds build {cfg.name} --data_dir {builder.data_dir_root}` "
-            "or set dataset.prepare=true"
-        )
-    _check_download_hosts(builder)
-    try:
-        builder.download_and_prepare()
-    except Exception as error:  # any network or build failure: say what to do instead
-        reason = one_line(error)
-        raise DatasetError(
-            f"dataset {cfg.name!r} is not prepared in {where} and preparing it failed "
-            f"({type(error).__name__}: {reason}). Prepare it where there is network "
-            f"(`tfds build {cfg.name} --data_dir DIR`) and point dataset.data_dir at DIR"
-        ) from None
-    return builder
+        return hydra.utils.get_class(cfg.get("_target_") or TFDS_TARGET)(**dataset_arguments(cfg))
+    except ValueError as error:
+        raise ConfigError(f"dataset.{error}") from None
 
 
-def _check_download_hosts(builder: tfds.core.DatasetBuilder) -> None:
-    """Fail in seconds, not after TFDS's minutes of retries, when a host is unreachable."""
-    hosts = {(urlparse(url).hostname, urlparse(url).port or (443 if url.startswith("https") else 80))
-             for url in (builder.url_infos or {})}
-    for host, port in sorted(hosts):
-        try:
-            socket.create_connection((host, port), timeout=10).close()
-        except OSError as error:
-            raise DatasetError(
-                f"dataset {builder.name!r} is not prepared in {builder.data_dir} and cannot be downloaded "
-                f"here ({host}: {error}). Prepare it where there is network (`tfds build {builder.name} "
-                f"--data_dir DIR`), copy DIR here and set dataset.data_dir=DIR"
-            ) from None
+def command_overrides(cfg: DictConfig) -> list[str]:
+    """The command-line overrides that read this dataset again, for the commands a run
+    prints (`pipeline.summary`: evaluate, inspect, predict): its option and the keys of
+    its kind that differ from the kind's defaults, a relative path made absolute.
+    The batching keys are left out: they do not change the examples."""
+    import inspect
+    from importlib.resources import files
+
+    kind = hydra.utils.get_class(cfg.get("_target_") or TFDS_TARGET)
+    arguments = dataset_arguments(cfg)
+    name = str(cfg.name)
+    if kind.__name__ == "Tfds":
+        preset = files("conf").joinpath("dataset", f"{name}.yaml")
+        option = [f"dataset={name}"] if preset.is_file() and OmegaConf.load(str(preset)).get("name") == name else \
+            ["dataset=tfds", f"dataset.name={name}"]
+        skip = {"name", "prepare"}
+    else:
+        option, skip = [f"dataset={OPTIONS.get(kind.__name__, kind.__name__)}"], {"name"}
+    if option == ["dataset=digits"]:
+        option = []  # the default
+    defaults = {key: parameter.default for key, parameter in inspect.signature(kind).parameters.items()}
+    for key, value in arguments.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if key in skip or value == default or (isinstance(value, list) and isinstance(default, tuple)
+                                               and tuple(value) == default):
+            continue
+        if key == "path":
+            value = str(Path(str(value)).expanduser().absolute())
+        if isinstance(value, (list, tuple)):
+            value = "[" + ",".join(map(str, value)) + "]"
+        option.append(f"dataset.{key}={'null' if value is None else value}")
+    return option
 
 
-def load(cfg: DictConfig, seed: int) -> Splits:
-    """Build the three pipelines for `cfg` (the `dataset` config group).
+# The `dataset=` option of each kind of files (`conf/dataset/`).
+OPTIONS = {"ImageFolder": "image_folder", "CsvTable": "csv"}
 
-    The validation set is the last `cfg.val_fraction` of the (hash-shuffled, fixed)
-    TFDS train split, so it is the same examples in every run.
+
+def load(cfg: DictConfig, seed: int, augment: Augment | None = None) -> Splits:
+    """Read the dataset `cfg` describes and build its three pipelines.
+
+    Args:
+        cfg: the `dataset` config group.
+        seed: the run's seed: with the epoch, it orders (and augments) each epoch.
+        augment: applied to training batches only (`pipeline.augment`).
     """
-    builder = prepared_builder(cfg)
-    info = builder.info
-    input_spec = input_spec_of(info)
-    missing = {"train", "test"} - set(info.splits)
-    if missing:
-        raise DatasetError(f"dataset {cfg.name!r} has no {' or '.join(sorted(missing))} split "
-                           f"(it has: {', '.join(info.splits)}); this pipeline needs both")
-
-    num_train = info.splits["train"].num_examples
-    num_val = round(num_train * cfg.val_fraction)
-    if num_train - num_val < 1:
-        raise DatasetError(f"dataset {cfg.name!r}: train split has {num_train} examples, none left to train on")
-    split_names = {"train": f"train[:{num_train - num_val}]", "test": "test"}
-    if num_val:
-        split_names["val"] = f"train[{num_train - num_val}:]"
-    raw = {
-        role: builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-        for role, split in split_names.items()
-    }
-    sizes = {role: int(info.splits[split].num_examples) for role, split in split_names.items()}
-    for role, size in sizes.items():
-        if size == 0:
-            raise DatasetError(f"dataset {cfg.name!r}: split {split_names[role]!r} is empty")
-
+    mode = cache_mode(cfg.cache)
+    examples = reader(cfg).read(mode)
+    raw, sizes, input_spec = dict(examples.roles), dict(examples.sizes), examples.input_spec
+    if augment is not None and input_spec.tabular:
+        raise ConfigError(f"augment transforms images, but dataset={cfg.name} is a table: use augment=none")
+    in_memory = mode == "memory"
     steps_per_epoch = math.ceil(sizes["train"] / cfg.batch_size)
     inject_at = cfg.get("inject_nan_at_step")
     if inject_at is not None:
@@ -140,7 +138,7 @@ def load(cfg: DictConfig, seed: int) -> Splits:
         input_spec = dataclasses.replace(input_spec, dtype="float32")
 
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
-    if cfg.cache:
+    if in_memory:
         epoch_batches = _in_memory_epochs(raw["train"], sizes["train"], cfg.batch_size, seed)
     else:
         epoch_batches = _streaming_epochs(raw["train"], cfg.batch_size, seed, cfg.shuffle_buffer)
@@ -148,6 +146,9 @@ def load(cfg: DictConfig, seed: int) -> Splits:
     @graph_as_written
     def one_epoch(epoch_number: tf.Tensor) -> tf.data.Dataset:
         ds = epoch_batches(epoch_number)
+        if augment is not None:
+            ds = ds.enumerate().map(functools.partial(_augmented, augment=augment, seed=seed, epoch=epoch_number),
+                                    num_parallel_calls=tf.data.AUTOTUNE)
         if inject_at is not None:
             ds = ds.enumerate().map(functools.partial(_inject_nan, at=inject_at,
                                                       first=epoch_number * steps_per_epoch))
@@ -160,16 +161,27 @@ def load(cfg: DictConfig, seed: int) -> Splits:
 
     return Splits(
         train=consecutive_epochs(one_epoch, epoch),
-        val=batched(raw["val"], cfg.batch_size, cfg.cache) if num_val else None,
-        test=batched(raw["test"], cfg.batch_size, cfg.cache),
+        val=batched(raw["val"], cfg.batch_size, in_memory) if "val" in raw else None,
+        test=batched(raw["test"], cfg.batch_size, in_memory),
         input_spec=input_spec,
         sizes=sizes,
         steps_per_epoch=steps_per_epoch,
-        info=info,
+        class_names=examples.class_names,
+        lineage=examples.lineage,
         epoch=epoch,
         epoch_batches=one_epoch,
         train_batch=train_batch,
+        skipped=examples.skipped,
+        label_names=examples.label_names,
     )
+
+
+@graph_as_written
+def _augmented(index: tf.Tensor, batch: tuple, *, augment: Augment, seed: int, epoch: tf.Tensor) -> tuple:
+    """Batch `index` of epoch `epoch`, augmented with a seed fixed by (seed, epoch, index)."""
+    batch_seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(seed, tf.int64), epoch]), index)
+    return augment(batch, batch_seed)
 
 
 def consecutive_epochs(epoch_batches: Callable[[tf.Tensor], tf.data.Dataset], epoch: tf.Variable) -> tf.data.Dataset:
@@ -191,7 +203,7 @@ def consecutive_epochs(epoch_batches: Callable[[tf.Tensor], tf.data.Dataset], ep
 
 def _in_memory_epochs(examples: tf.data.Dataset, size: int, batch_size: int,
                       seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
-    """Epochs of a split held in memory (`dataset.cache=true`): read once, then each epoch
+    """Epochs of a split held in memory (`dataset.cache=memory`): read once, then each epoch
     is a full permutation of it, seeded by (seed, epoch), gathered one batch at a time.
     Per-batch rather than per-example work keeps the input pipeline far ahead of training."""
     whole = examples.batch(size).cache()  # one element, the whole split: read on first use
@@ -217,8 +229,8 @@ def _in_memory_epochs(examples: tf.data.Dataset, size: int, batch_size: int,
 
 def _streaming_epochs(examples: tf.data.Dataset, batch_size: int, seed: int,
                       shuffle_buffer: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
-    """Epochs of a split read from disk every epoch (`dataset.cache=false`), shuffled
-    through a `shuffle_buffer`-example window seeded by (seed, epoch)."""
+    """Epochs of a split read again every epoch (`dataset.cache=disk` or `none`),
+    shuffled through a `shuffle_buffer`-example window seeded by (seed, epoch)."""
 
     @graph_as_written
     def epoch_batches(epoch_number: tf.Tensor) -> tf.data.Dataset:
@@ -240,14 +252,15 @@ def zeros_batch(ds: tf.data.Dataset) -> tuple:
 
 @graph_as_written
 def _as_float32(inputs, labels):
-    if isinstance(inputs, dict):
-        return {key: tf.cast(value, tf.float32) for key, value in inputs.items()}, labels
-    return tf.cast(inputs, tf.float32), labels
+    """Debug (`dataset.inject_nan_at_step`): numeric inputs as float32, so they can hold a NaN."""
+    cast = lambda t: t if t.dtype == tf.string else tf.cast(t, tf.float32)  # noqa: E731
+    return tf.nest.map_structure(cast, inputs), labels
 
 
 @graph_as_written
 def _inject_nan(index, batch, *, at: int, first: tf.Tensor):
-    """Debug (`dataset.inject_nan_at_step`): one NaN in the first example of global batch `at`."""
+    """Debug (`dataset.inject_nan_at_step`): one NaN in the first example of global batch
+    `at`: in the image, in a multimodal dataset's `features`, or in a table's first numeric column."""
     inputs, labels = batch
 
     def poison(tensor):
@@ -255,53 +268,29 @@ def _inject_nan(index, batch, *, at: int, first: tf.Tensor):
         nan = tf.where(first + index == at, tf.constant(math.nan, tensor.dtype), flat[0])
         return tf.reshape(tf.tensor_scatter_nd_update(flat, [[0]], [nan]), tf.shape(tensor))
 
-    if isinstance(inputs, dict):  # multimodal: the tabular features carry it
-        return {**inputs, "features": poison(inputs["features"])}, labels
+    if isinstance(inputs, dict):
+        key = "features" if "features" in inputs else next(k for k, t in inputs.items() if t.dtype != tf.string)
+        return {**inputs, key: poison(inputs[key])}, labels
     return poison(inputs), labels
 
 
-def split(cfg: DictConfig, expression: str, *, autocache: bool = True) -> tf.data.Dataset:
-    """The (inputs, labels) examples of `cfg.name[expression]` (e.g. `test`, `train[:10%]`),
-    prepared if needed; a bad split expression is a one-line `DatasetError`. `autocache=False`
-    for a caller that reads only part of it: TFDS caches small datasets, and TensorFlow
-    warns when a pass stops inside a cache ("did not fully read the dataset being cached")."""
-    builder = prepared_builder(cfg)
-    try:
-        return builder.as_dataset(split=expression, as_supervised=True, shuffle_files=False,
-                                  read_config=tfds.ReadConfig(try_autocache=autocache))
-    except Exception as error:  # TFDS raises several types for a bad split expression
-        raise DatasetError(f"split: {expression!r} is not a split of {cfg.name!r}: {error}") from None
-
-
-def input_spec_of(info: tfds.core.DatasetInfo) -> InputSpec:
-    """What a builder needs from a TFDS dataset's supervised keys: either (image, label),
-    or ({"image", "features"}, {label name: label}) for a multimodal dataset."""
-    keys = info.supervised_keys
-    if not keys or len(keys) != 2:
-        raise DatasetError(f"dataset {info.name!r} has no (inputs, labels) supervised keys")
-    inputs, labels = keys
-    image_key = inputs if isinstance(inputs, str) else inputs.get("image") if isinstance(inputs, dict) else None
-    if image_key is None:
-        raise DatasetError(f"dataset {info.name!r}: supervised keys {keys} are neither (image, label) "
-                           "nor ({image, features}, {labels})")
-    image = info.features[image_key]
-    if None in image.shape:
-        raise DatasetError(f"dataset {info.name!r}: images must have a fixed shape; resize them in the "
-                           f"dataset first. Received: {image.shape}")
-    if isinstance(inputs, str) and isinstance(labels, str):
-        return InputSpec(shape=tuple(int(d) for d in image.shape), dtype=np.dtype(image.np_dtype).name,
-                         num_classes=int(info.features[labels].num_classes))
-    if isinstance(inputs, dict) and isinstance(labels, dict) and set(inputs) == {"image", "features"}:
-        features = info.features[inputs["features"]]
-        return InputSpec(
-            shape=tuple(int(d) for d in image.shape),
-            dtype=np.dtype(image.np_dtype).name,
-            num_classes=0,
-            features=int(features.shape[-1]),
-            heads=tuple((name, int(info.features[key].num_classes)) for name, key in labels.items()),
-        )
-    raise DatasetError(f"dataset {info.name!r}: supervised keys {keys} are neither (image, label) "
-                       "nor ({image, features}, {labels})")
+def split(cfg: DictConfig, expression: str, *, autocache: bool = True) -> tuple[tf.data.Dataset, Examples | None]:
+    """The (inputs, labels) examples of one split of the dataset, for scoring a model:
+    any TFDS split expression (`test`, `train[:10%]`), or a role (`train`, `val`,
+    `test`) of a folder or a table. Also the read `Examples` (None for a TFDS
+    expression), whose `input_spec` says what the examples are. A bad expression is a
+    one-line `DatasetError`. `autocache=False` for a caller that reads only part of it."""
+    source = reader(cfg)
+    if hasattr(source, "split"):  # TFDS: any split expression
+        return source.split(expression, autocache=autocache)[0], None
+    roles = {"validation": "val"}.get(expression, expression)
+    if roles not in ("train", "val", "test"):
+        raise DatasetError(f"split: dataset {cfg.get('name')!r} has the splits train, val and test. "
+                           f"Received: {expression!r}")
+    examples = source.read("none" if cache_mode(cfg.cache) == "none" else "memory", roles=(roles,))
+    if roles not in examples.roles:
+        raise DatasetError(f"split: dataset {cfg.get('name')!r} has no {roles} split (its val_fraction is 0)")
+    return examples.roles[roles], examples
 
 
 def batched(ds: tf.data.Dataset, batch_size: int, cache: bool) -> tf.data.Dataset:

@@ -13,7 +13,7 @@ metrics, a confusion matrix per output head, and a link to the evaluated model: 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import tensorflow_datasets as tfds
 
     from pipeline import data, store_uri
+    from pipeline.tracking import registry
 
     mlflow.set_tracking_uri(store_uri.tracking_uri_exporting_credentials(cfg.mlflow.tracking_uri))
     try:
@@ -57,7 +58,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         reason = one_line(error)
         raise PipelineError(f"model: cannot load {cfg.model!r}: {reason}") from None
 
-    split = data.split(cfg.dataset, cfg.split)
+    split, examples = data.split(cfg.dataset, cfg.split)
+    columns = examples.input_spec.columns if examples is not None else ()
 
     # Accumulate per head: a single-label dataset has one unnamed head.
     log_loss: dict[str, float] = {}
@@ -65,6 +67,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     predicted_classes: dict[str, list] = {}
     num_classes: dict[str, int] = {}
     for inputs, labels in tfds.as_numpy(split.batch(cfg.dataset.batch_size)):
+        if columns:  # a table's model takes a DataFrame of the CSV's columns
+            inputs = registry.column_frame(inputs, columns)
         outputs = model.predict(inputs)
         if not isinstance(outputs, dict):
             outputs, labels = {"": outputs}, {"": labels}
@@ -90,7 +94,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")
     print(f"{cfg.model} on {cfg.dataset.name}[{cfg.split}] ({examples} examples): {summary}", flush=True)
     if cfg.log_run:
-        run_id = log_evaluation_run(cfg, _model_id(model, cfg.model), metrics, confusions)
+        run_id = log_evaluation_run(cfg, _model_id(model, cfg.model), metrics, confusions, class_names_of(model))
         store = redact(mlflow.get_tracking_uri())
         print(f"logged as run {run_id} in experiment {cfg.mlflow.experiment_name!r} at {store}",
               flush=True)
@@ -102,6 +106,7 @@ def log_evaluation_run(
     model_id: str | None,
     metrics: Mapping[str, float],
     confusions: Mapping[str, tuple[Any, Any, int]],
+    class_names: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """Record one evaluation as its own MLflow run, linked to the evaluated model.
 
@@ -120,6 +125,7 @@ def log_evaluation_run(
         confusions: head name ("" for a single-output model) -> (true classes,
             predicted classes, number of classes); one `confusion_matrix[_<head>].png`
             artifact each.
+        class_names: head -> its classes' names, for the matrices' axes (`class_names_of`).
 
     Returns:
         The evaluation run's id.
@@ -129,6 +135,7 @@ def log_evaluation_run(
     from pipeline import tracking
     from pipeline.figures import plots
 
+    class_names = class_names or {}
     experiment_id = tracking.connect(cfg.mlflow)
     tags = {"evaluation": "true", "model_uri": cfg.model, "dataset": cfg.dataset.name}
     if model_id:
@@ -143,9 +150,21 @@ def log_evaluation_run(
         mlflow.log_metrics(dict(metrics), model_id=model_id)
         for head, (truth, predicted, classes) in confusions.items():
             title = f"{cfg.model}{f' ({head})' if head else ''} on {cfg.dataset.name}[{cfg.split}]"
-            mlflow.log_figure(plots.confusion_matrix(truth, predicted, classes, title=title),
+            mlflow.log_figure(plots.confusion_matrix(truth, predicted, classes, title=title,
+                                                     class_names=class_names.get(head, ())),
                               f"confusion_matrix{f'_{head}' if head else ''}.png")
     return run.info.run_id
+
+
+def class_names_of(model: Any) -> dict[str, list[str]]:
+    """Head ("" for a single-output model) -> the class names the pipeline recorded in
+    the logged model's metadata; empty for a model logged without them."""
+    names = (model.metadata.metadata or {}).get("class_names") if getattr(model, "metadata", None) else None
+    if isinstance(names, list):
+        return {"": [str(name) for name in names]}
+    if isinstance(names, dict):
+        return {str(head): [str(name) for name in head_names] for head, head_names in names.items()}
+    return {}
 
 
 def model_reference(uri: str) -> str:

@@ -77,7 +77,7 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
         raise ConfigError(f"examples must be >= 1. Received: {cfg.examples}")
     quiet.import_tensorflow()  # loading the model imports it: without its CUDA probing on a CPU-only machine
     import mlflow
-    import tensorflow_datasets as tfds
+    import numpy as np
 
     from pipeline import data, store_uri
     from pipeline.figures import plots
@@ -90,12 +90,13 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
     except ValueError as error:  # unknown layer, or a model without a layer graph
         raise ConfigError(f"layers: {error}") from None
 
-    split = data.split(cfg.dataset, cfg.split, autocache=False)  # one batch of it is read
-    batch = next(iter(tfds.as_numpy(split.take(cfg.examples).batch(cfg.examples))), None)
+    split, _ = data.split(cfg.dataset, cfg.split, autocache=False)  # one batch of it is read
+    # Tensors, not NumPy: a table's text columns would be object arrays, which Keras refuses.
+    batch = next(iter(split.take(cfg.examples).batch(cfg.examples)), None)
     if batch is None:
         raise DatasetError(f"split: {cfg.dataset.name}[{cfg.split}] is empty")
     inputs, _ = batch
-    outputs = probe.predict(inputs, verbose=0)
+    outputs = {name: np.asarray(output) for name, output in probe(inputs, training=False).items()}
 
     output_dir = Path(cfg.output_dir or job_dir or "inspect")
     statistics = {name: activations.layer_statistics(name, outputs[name]) for name in names}

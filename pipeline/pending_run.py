@@ -30,6 +30,7 @@ at the next execution boundary, with the same message as ever.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -173,7 +174,7 @@ def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: 
     a resumed one."""
     import mlflow
 
-    from pipeline import tracking
+    from pipeline import data, tracking
     from pipeline.tracking import provenance
     from pipeline.training import debug
 
@@ -186,12 +187,30 @@ def run_started(plan: RunPlan, run_id: str, model: keras.Model, splits, policy: 
         return
     tracking.log_config(cfg, list(plan.overrides))
     mlflow.log_params({"precision.resolved_policy": policy.policy, "precision.reason": policy.reason})
-    tracking.log_dataset(cfg.dataset.name, str(splits.info.version), splits.sizes)
-    provenance.log_dataset_input(cfg.dataset.name, str(splits.info.version), splits.sizes,
-                                 data_dir=splits.info.data_dir)
+    lineage = splits.lineage
+    tracking.log_dataset(lineage.name, lineage.version, splits.sizes)
+    mlflow.log_params({"data.digest": lineage.digest, "dataset.classes": class_names_param(splits)})
+    # How the commands the run prints (evaluate, inspect, predict) read this data again.
+    mlflow.set_tag("data_overrides", json.dumps(data.command_overrides(cfg.dataset)))
+    if splits.skipped:  # on_bad_file=skip: which files the run never saw
+        mlflow.log_text("\n".join(splits.skipped) + "\n", "skipped_files.txt")
+    provenance.log_dataset_input(lineage.name, lineage.version, splits.sizes, data_dir=lineage.location,
+                                 kind=lineage.kind, digest=lineage.digest)
+    if (cfg.get("augment") or {}).get("_target_"):  # what augmentation does, to see at a glance
+        from pipeline.tracking import report
+
+        report.log_augmented_examples(splits.train_batch(0, 0), splits.class_names, run_id)
     tracking.log_model_summary(model)
     if checkpoints:
         mlflow.set_tag("checkpoint_dir", str(plan.checkpoint_dir(lambda: run_id)))
+
+
+def class_names_param(splits) -> str:
+    """The class names as one param value, in output order (per head for several
+    labels), cut to fit MLflow's 6000 characters (the logged model keeps them all)."""
+    text = ", ".join(splits.class_names) or "; ".join(f"{head}: {', '.join(names)}"
+                                                     for head, names in splits.label_names.items())
+    return text if len(text) <= 6000 else text[:5990].rsplit(", ", 1)[0] + ", ..."
 
 
 class RunOpener(keras.callbacks.Callback):

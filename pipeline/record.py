@@ -78,15 +78,17 @@ def result(plan: RunPlan, run_id: str, guarded, history, initial_epoch: int, spl
         if decision.full:
             # Plots never fail a run: each failure is a warning naming the plot.
             report.log_training_plots(curves, model, guarded.optimizer, splits.steps_per_epoch * cfg.trainer.epochs,
-                                      splits.test, splits.input_spec, run_id, guard.threshold if guard else None)
+                                      splits.test, splits.input_spec, run_id, guard.threshold if guard else None,
+                                      class_names=splits.class_names, label_names=splits.label_names)
             report.log_keras_model(model)  # for pipeline.inspect: layers survive in .keras, not in a SavedModel
         if cfg.mlflow.log_model and decision.model:
             client = MlflowClient()
             # A resumed run may have logged its model before it was killed: never twice.
             model_id = registry.logged_model_of(client, client.get_run(run_id)) if plan.resume else None
             if model_id is None:
-                model_id = registry.log_saved_model(model, splits.input_spec,
-                                                    input_example=registry.example_inputs(splits.test)).model_id
+                model_id = registry.log_saved_model(
+                    model, splits.input_spec, input_example=registry.example_inputs(splits.test, splits.input_spec),
+                    metadata=registry.model_metadata(splits.class_names, splits.label_names)).model_id
             if plan.sweep is None or plan.sweep.register == "all":  # else the sweep registers its best job
                 registry.register(client, cfg.mlflow, tracking.registered_model_name(cfg, plan.architecture),
                                   model_id, run_id, metrics)

@@ -25,7 +25,15 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 # scheme://user[:password]@ -- the userinfo part of a URL, wherever it appears in a text.
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
 _SECRET_KEY = re.compile(r"password|passwd|token|secret|key", re.IGNORECASE)
+# Keys of `conf/` that say "key" and are not secrets: which dataset features are the inputs and labels.
+_NOT_SECRET = re.compile(r"(?:^|\.)(?:image|label)_key$")
 MASK = "***"
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key or override's key looks like it holds a secret."""
+    key = key.lstrip("+~")
+    return bool(_SECRET_KEY.search(key)) and not _NOT_SECRET.search(key)
 
 
 def strip_credentials(url: str) -> str:
@@ -53,7 +61,7 @@ def redact(text: str) -> str:
 def redact_override(override: str) -> str:
     """`+db.password=hunter2` -> `+db.password=***`; a URL's credentials go either way."""
     key, sep, value = override.partition("=")
-    if sep and _SECRET_KEY.search(key):
+    if sep and is_secret_key(key):
         return f"{key}={MASK}"
     return redact(override)
 
@@ -66,9 +74,9 @@ def redact_command(arguments: Iterable[str]) -> list[str]:
 def redact_config(container: Any) -> Any:
     """A plain (resolved) config container for params and `config.yaml`: URL credentials
     removed from every string, and the value of every secret-looking key masked (no key
-    of `conf/` looks like one: only keys a user adds, e.g. `+db.password=...`)."""
+    of `conf/` is taken for one: only keys a user adds, e.g. `+db.password=...`)."""
     if isinstance(container, dict):
-        return {key: MASK if _SECRET_KEY.search(str(key)) and not isinstance(value, (dict, list))
+        return {key: MASK if is_secret_key(str(key)) and not isinstance(value, (dict, list))
                 else redact_config(value) for key, value in container.items()}
     if isinstance(container, list):
         return [redact_config(value) for value in container]

@@ -10,6 +10,7 @@ job prints one line, and the sweep the same block for its parent run, about its 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -162,12 +163,15 @@ def model_commands(client: MlflowClient, run: Run) -> list[tuple[str, str]]:
 
 def store_and_data_overrides(uri: str, run: Run) -> list[str]:
     """Overrides the commands need to find this run's store and data when they are not
-    the defaults (`sqlite:///<cwd>/mlflow.db`, TFDS's own data dir)."""
-    extra = []
-    if run.data.params.get("dataset.name", "digits") != "digits":
-        extra.append(f"dataset={run.data.params['dataset.name']}")
-    if run.data.params.get("dataset.data_dir") not in (None, "None", ""):
-        extra.append(f"dataset.data_dir={run.data.params['dataset.data_dir']}")
+    the defaults (`sqlite:///<cwd>/mlflow.db`, `digits` in TFDS's own data dir)."""
+    if "data_overrides" in run.data.tags:  # recorded as the run opened (pipeline.data.command_overrides)
+        extra = list(json.loads(run.data.tags["data_overrides"]))
+    else:  # a run recorded before that tag: a TFDS dataset by name
+        extra = []
+        if run.data.params.get("dataset.name", "digits") != "digits":
+            extra.append(f"dataset={run.data.params['dataset.name']}")
+        if run.data.params.get("dataset.data_dir") not in (None, "None", ""):
+            extra.append(f"dataset.data_dir={run.data.params['dataset.data_dir']}")
     if uri != f"sqlite:///{os.path.abspath('mlflow.db')}":
         extra.append(f"mlflow.tracking_uri={redact(uri)}")
     return extra

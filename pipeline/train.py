@@ -105,15 +105,16 @@ def loaded_splits(plan: RunPlan) -> Splits:
     under the basic launcher) share it: the next job with the same `dataset` config and
     seed gets the same pipelines, read, decoded and traced once (each epoch's order
     comes from the seed and the epoch number, so sharing changes no batch)."""
-    from pipeline import data
+    from pipeline import augment, data
 
     cfg = plan.cfg
+    augmentation = cfg.get("augment")
     if plan.sweep is None:
-        return data.load(cfg.dataset, seed=cfg.seed)
-    key = f"{OmegaConf.to_yaml(cfg.dataset)}seed: {cfg.seed}"
+        return data.load(cfg.dataset, seed=cfg.seed, augment=augment.from_config(augmentation))
+    key = f"{OmegaConf.to_yaml(cfg.dataset)}seed: {cfg.seed}\naugment: {OmegaConf.to_yaml(augmentation or {})}"
     if key not in _shared_splits:
         _shared_splits.clear()  # one dataset in memory at a time
-        _shared_splits[key] = data.load(cfg.dataset, seed=cfg.seed)
+        _shared_splits[key] = data.load(cfg.dataset, seed=cfg.seed, augment=augment.from_config(augmentation))
     return _shared_splits[key]
 
 
@@ -141,7 +142,10 @@ def compile_guarded(plan: RunPlan, model: keras.Model, splits, guard, strategy) 
 
 
 def build_model(cfg: DictConfig, input_spec: InputSpec, architecture: str | None = None) -> keras.Model:
-    """Call the architecture's builder; a model that cannot fit the data is a config error."""
+    """Call the architecture's builder; a model that cannot fit the data is a config error.
+    A table's model takes its raw columns: the family's model behind their encoding."""
+    from architectures import columns
+
     architecture = architecture or cfg.architecture._target_.split(".")[-2]
     module = importlib.import_module(cfg.architecture._target_.rpartition(".")[0])
     if input_spec.multimodal and not getattr(module, "MULTIMODAL", False):
@@ -149,11 +153,27 @@ def build_model(cfg: DictConfig, input_spec: InputSpec, architecture: str | None
             f"architecture={architecture} takes images only, but dataset={cfg.dataset.name} has image and "
             f"features inputs and labels {[name for name, _ in input_spec.heads]}: use architecture=multi_io"
         )
+    if input_spec.tabular and not getattr(module, "TABULAR", False):
+        raise ConfigError(f"architecture={architecture} takes images, but dataset={cfg.dataset.name} is a table: "
+                          f"use one of {', '.join(tabular_architectures())}")
     builder_args = {k: v for k, v in cfg.architecture.items() if k not in RESERVED_ARCHITECTURE_KEYS}
     try:
-        return hydra.utils.instantiate(builder_args, _partial_=True, _convert_="all")(input_spec)
+        model = hydra.utils.instantiate(builder_args, _partial_=True, _convert_="all")(input_spec)
     except ValueError as error:  # builders explain bad hyperparameters and inputs this way
         raise ConfigError(f"architecture={architecture} with dataset={cfg.dataset.name}: {error}") from None
+    return columns.with_column_inputs(model, input_spec) if input_spec.tabular else model
+
+
+def tabular_architectures() -> list[str]:
+    """The `architecture=` options whose builders take a flat feature vector (`TABULAR`)."""
+    from importlib.resources import files
+
+    names = []
+    for option in sorted(files("conf").joinpath("architecture").iterdir(), key=lambda path: path.name):
+        target = OmegaConf.load(str(option)).get("_target_", "") if option.name.endswith(".yaml") else ""
+        if target and getattr(importlib.import_module(target.rpartition(".")[0]), "TABULAR", False):
+            names.append(option.name.removesuffix(".yaml"))
+    return names
 
 
 def build_optimizer(cfg: DictConfig, steps_per_epoch: int, lr_scale=None,

@@ -81,6 +81,32 @@ BAD_INPUTS = [
     (["mlflow.champion_metric=test_accuracy"], 2, "mlflow.champion_metric must not be a test metric"),
     (["hydra.callbacks.sweep.register=some"], 2,
      "hydra.callbacks.sweep.register must be best, all or none. Received: 'some'"),
+    (["augment=cutmix"], 2, "Could not find 'augment/cutmix'"),
+    (["augment=flip_crop", "augment.pad=-1"], 2, "augment.pad must be >= 0. Received: -1"),
+    (["augment=light", "augment.fill=mirror"], 2, "augment.fill must be one of"),
+    (["augment=custom", "augment.layers=[{_target_: keras.layers.Dense, units: 3}]"], 2,
+     "augment.layers: Dense is not a Keras image preprocessing layer"),
+    (["augment=flip_crop", "+augment.degrees=3"], 2, "augment.degrees is not an argument of pipeline.augment.FlipCrop"),
+    (["dataset.cache=ram"], 2, "dataset.cache must be one of ('memory', 'disk', 'none'). Received: 'ram'"),
+    (["dataset=tfds"], 2, "dataset.name is missing"),
+    (["dataset=tfds", "dataset.name=digits", "dataset.image_key=photo"], 2,
+     "dataset.image_key: dataset 'digits' has no feature 'photo' (it has: image, label)"),
+    (["dataset=image_folder"], 2, "dataset.path is missing"),
+    (["dataset=image_folder", "dataset.path={tmp}/no_photos"], 2, "dataset.path: {tmp}/no_photos does not exist"),
+    (["dataset=image_folder", "dataset.path={tmp}", "dataset.channels=2"], 2,
+     "dataset.channels must be 1 or 3. Received: 2"),
+    (["dataset=image_folder", "dataset.path={tmp}", "dataset.on_bad_file=ignore"], 2,
+     "dataset.on_bad_file must be one of ('error', 'skip'). Received: 'ignore'"),
+    (["dataset=image_folder", "dataset.path={tmp}", "dataset.image_size=[32]"], 2,
+     "dataset.image_size must be [height, width] of positive ints or null. Received: [32]"),
+    (["dataset=image_folder", "dataset.path={tmp}"], 2, "needs at least two class folders with images in them"),
+    (["dataset=csv", "dataset.path={tmp}/table.csv"], 2, "dataset.label is missing"),
+    (["dataset=csv", "dataset.path={tmp}/table.csv", "dataset.label=y"], 2,
+     "dataset.path: {tmp}/table.csv does not exist"),
+    (["dataset=csv", "dataset.path=t.csv", "dataset.label=y", "dataset.on_missing=guess"], 2,
+     "dataset.on_missing must be one of ('error', 'drop'). Received: 'guess'"),
+    (["dataset=csv", "dataset.path=t.csv", "dataset.label=y", "dataset.test_fraction=0.6",
+      "dataset.val_fraction=0.5"], 2, "dataset.test_fraction + val_fraction must be < 1"),
 ]
 
 # The groups a user picks options from: conf/'s folders, but for hydra/ (Hydra's own launcher presets).
@@ -113,7 +139,9 @@ def workdir(tmp_path: Path, tfds_dir: str, monkeypatch: pytest.MonkeyPatch) -> P
 def test_bad_input_is_one_line(argv, exit_code, message, workdir: Path, tfds_dir: str, capsys) -> None:
     argv = [a.replace("{tmp}", str(workdir)) for a in argv]
     if not any(a.startswith(("dataset.data_dir=", "resume=")) for a in argv):  # a resume takes no other keys
-        argv = [f"dataset.data_dir={tfds_dir}", "trainer.epochs=1", "trainer.verbose=0", *argv]
+        # A table has no data_dir: only TFDS datasets and image folders' disk caches do.
+        data_dir = [] if "dataset=csv" in argv else [f"dataset.data_dir={tfds_dir}"]
+        argv = [*data_dir, "trainer.epochs=1", "trainer.verbose=0", *argv]
     code, lines = run_cli(argv, capsys)
     assert code == exit_code
     assert error_lines(lines) == [lines[-1]], lines

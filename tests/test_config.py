@@ -15,7 +15,11 @@ from pipeline import cli
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 
-GROUPS = ["dataset", "architecture", "optimizer", "precision", "trainer", "callbacks", "mlflow"]
+GROUPS = ["dataset", "architecture", "optimizer", "precision", "trainer", "callbacks", "mlflow", "augment"]
+# Options with a key only the user can fill in (`???`): composed with a value for it.
+REQUIRED = {("dataset", "csv"): ["dataset.path=table.csv", "dataset.label=species"],
+            ("dataset", "image_folder"): ["dataset.path=photos"],
+            ("dataset", "tfds"): ["dataset.name=mnist"]}
 
 
 def group_options(group: str) -> list[str]:
@@ -34,7 +38,7 @@ def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     [(group, option) for group in GROUPS for option in group_options(group)],
 )
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
-    cfg = compose_config([f"{group}={option}"])
+    cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
     validate(cfg)
     # The group holds the chosen option: every value its file sets (not its defaults list) is the composed
     # value (an interpolation, e.g. ${dataset.name}, resolves in the whole config: it must be there), and an

@@ -14,6 +14,8 @@ from sklearn.datasets import load_digits
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from pipeline import data
+from pipeline.config import cache_mode
+from pipeline.datasets import tfds_dataset
 from pipeline.datasets.digits.digits_dataset_builder import digits_arrays
 from pipeline.datasets.offline import OfflineBuilder
 from pipeline.errors import DatasetError
@@ -122,12 +124,12 @@ def test_network_datasets_through_tfds_mock_data(name: str, shape: tuple, tmp_pa
     # examples are random. The config composes, and the spec and pipeline fit it.
     cfg = compose_config([f"dataset={name}", f"dataset.data_dir={tmp_path}"])
     builder = tfds.builder(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
-    spec = data.input_spec_of(builder.info)
+    spec = tfds_dataset.Features.of(builder.info, None, None, None).input_spec
     assert spec.shape == shape and spec.dtype == "uint8" and spec.num_classes == 10
     with tfds.testing.mock_data(num_examples=40):
         mocked = tfds.builder(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
         raw = mocked.as_dataset(split="train", as_supervised=True)
-        pipeline = data.batched(raw, cfg.dataset.batch_size, cfg.dataset.cache)
+        pipeline = data.batched(raw, cfg.dataset.batch_size, cache_mode(cfg.dataset.cache) == "memory")
         images, labels = next(iter(pipeline))
     assert images.dtype == "uint8" and tuple(images.shape) == (40, *shape)
     assert labels.shape == (40,)
@@ -143,7 +145,7 @@ class _UnreachableBuilder:
 
 def test_unreachable_download_host_fails_fast_with_instructions() -> None:
     with pytest.raises(DatasetError) as error:
-        data._check_download_hosts(_UnreachableBuilder())
+        tfds_dataset._check_download_hosts(_UnreachableBuilder())
     message = str(error.value)
     assert message.startswith("dataset 'remote_dataset' is not prepared in /nowhere/remote_dataset/1.0.0 "
                               "and cannot be downloaded here (127.0.0.1: ")
@@ -157,7 +159,7 @@ def test_offline_datasets_prepare_with_one_line_of_their_own(
     cfg = compose_config([f"dataset.data_dir={tmp_path}"])
     showing = tqdm_utils._active
     with caplog.at_level(logging.INFO):
-        builder = data.prepared_builder(cfg.dataset)
+        builder = data.reader(cfg.dataset).builder()
     assert builder.is_prepared() and tqdm_utils._active == showing, "the user's progress-bar choice is back"
     out, err = capfd.readouterr()
     assert "Downloading and preparing" not in out and "downloaded and prepared" not in out, out

@@ -211,7 +211,7 @@ def test_dataset_inputs_read_back(mlflow_store: str, tfds_dir: str) -> None:
 def test_dataset_digest_identifies_the_data_not_its_location() -> None:
     def digests(version="1.0.0", data_dir="/a", train=1293):
         source = provenance.TFDSSource("digits", version, data_dir)
-        return provenance.SplitDataset(source, "train", train).digest
+        return provenance.SplitDataset(source, "digits", version, "train", train).digest
 
     assert digests() == digests(data_dir="/somewhere/else")
     assert len({digests(), digests(version="1.0.1"), digests(train=1294)}) == 3

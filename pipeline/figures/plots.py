@@ -106,7 +106,8 @@ def confusion_counts(labels: Sequence[int], predictions: Sequence[int], num_clas
 
 
 def confusion_matrix(
-    labels: Sequence[int], predictions: Sequence[int], num_classes: int, title: str = "confusion matrix"
+    labels: Sequence[int], predictions: Sequence[int], num_classes: int, title: str = "confusion matrix",
+    class_names: Sequence[str] = (),
 ) -> Figure:
     """Heat map of `confusion_counts`, annotated with the counts up to 20 classes.
 
@@ -115,6 +116,7 @@ def confusion_matrix(
         predictions: predicted class of each example.
         num_classes: number of classes (the matrix is square).
         title: figure title, e.g. the model and split it describes.
+        class_names: the classes' names, in index order, for the axes; () numbers them.
 
     Returns:
         A figure with one axes: rows are true classes, columns predicted ones.
@@ -132,10 +134,56 @@ def confusion_matrix(
     if num_classes <= ANNOTATE_MAX_CLASSES:
         ax.set_xticks(range(num_classes))
         ax.set_yticks(range(num_classes))
+        if len(class_names) == num_classes:
+            ax.set_xticklabels(class_names, rotation=45 if max(map(len, class_names)) > 3 else 0, ha="right")
+            ax.set_yticklabels(class_names)
         threshold = counts.max() / 2
         for true, predicted in np.ndindex(counts.shape):
             ax.text(predicted, true, str(counts[true, predicted]), ha="center", va="center", fontsize=8,
                     color="white" if counts[true, predicted] > threshold else "black")
+    return figure
+
+
+def per_class_report(labels: Sequence[int], predictions: Sequence[int], class_names: Sequence[str]) -> str:
+    """Precision, recall, F1 and support of each class, by name, as an aligned text table
+    (what `sklearn.metrics.classification_report` prints, from `confusion_counts`)."""
+    counts = confusion_counts(labels, predictions, len(class_names)).astype(np.float64)
+    true_positive = np.diag(counts)
+    precision = np.divide(true_positive, counts.sum(axis=0), out=np.zeros_like(true_positive),
+                          where=counts.sum(axis=0) > 0)
+    recall = np.divide(true_positive, counts.sum(axis=1), out=np.zeros_like(true_positive),
+                       where=counts.sum(axis=1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(true_positive),
+                   where=precision + recall > 0)
+    width = max(len("class"), *(len(name) for name in class_names))
+    rows = [f"{'class':<{width}}  precision  recall  f1-score  support"]
+    for index, name in enumerate(class_names):
+        rows.append(f"{name:<{width}}  {precision[index]:9.4f}  {recall[index]:6.4f}  {f1[index]:8.4f}  "
+                    f"{int(counts[index].sum()):7d}")
+    accuracy = true_positive.sum() / max(counts.sum(), 1)
+    rows.append(f"{'accuracy':<{width}}  {'':9}  {'':6}  {accuracy:8.4f}  {int(counts.sum()):7d}")
+    return "\n".join(rows) + "\n"
+
+
+def image_grid(images: np.ndarray, labels: Sequence[int], class_names: Sequence[str], title: str,
+               columns: int = 4) -> Figure:
+    """`images` (N, H, W, C), raw values, in a grid, each titled with its class name."""
+    images = np.asarray(images)
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    figure = Figure(figsize=(2.0 * columns, 2.0 * rows + 0.4), layout="constrained")
+    figure.suptitle(title)
+    for index in range(rows * columns):
+        ax = figure.add_subplot(rows, columns, index + 1)
+        ax.set_axis_off()
+        if index >= len(images):
+            continue
+        image = images[index].astype(np.float32)
+        if image.max() > 1.0:  # raw pixel values (uint8), drawn as they are
+            image = np.clip(image / 255.0, 0.0, 1.0)
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
+                  interpolation="nearest")
+        label = int(labels[index])
+        ax.set_title(class_names[label] if label < len(class_names) else str(label), fontsize=9)
     return figure
 
 

@@ -79,8 +79,13 @@ def card(name: str, version: str, run: Run, signature: ModelSignature | None, ep
     lines += ["", f"The champion is chosen on validation (`{champion_metric}`, by more than "
                   f"{params.get('mlflow.champion_min_delta', '?')}); test figures are reported, never used to choose."]
     if signature is not None:
-        lines += ["", "**Input**: " + _specs(signature.inputs.inputs) + " (raw: the model casts and rescales itself).",
+        table = signature.inputs.is_tensor_spec() is False
+        raw = ("the table's columns by name, raw: the model standardizes and one-hot encodes them itself" if table
+               else "raw: the model casts and rescales itself")
+        lines += ["", "**Input**: " + _specs(signature.inputs.inputs) + f" ({raw}).",
                   "", "**Output**: " + _specs(signature.outputs.inputs) + " (probabilities)."]
+    if params.get("dataset.classes"):
+        lines += ["", f"**Classes**, in the order of the output columns: {params['dataset.classes']}."]
     uri = f"models:/{name}/{version}"
     lines += [
         "",
@@ -90,6 +95,7 @@ def card(name: str, version: str, run: Run, signature: ModelSignature | None, ep
         f'mlflow.pyfunc.load_model("{uri}").predict(inputs)',
         f"mlflow models serve -m {uri} --env-manager local --host 127.0.0.1 --port 5001",
         f"python -m pipeline.evaluate model={uri}",
+        f"python -m pipeline.predict model={uri} inputs=PATH",
         "```",
     ]
     return "\n".join(lines)
@@ -140,8 +146,17 @@ def _optimizer(params: Mapping[str, str]) -> str:
            f"batch {params.get('dataset.batch_size', '?')}"
 
 
+# A table's input lists this many columns; the signature in the model's files has them all.
+MAX_SPECS_LISTED = 12
+
+
 def _specs(specs: Sequence) -> str:
-    return ", ".join(f"`{spec.name + ': ' if spec.name else ''}{spec.type} {tuple(spec.shape)}`" for spec in specs)
+    """Tensor specs as `name: dtype (shape)`, columns as `name: type`."""
+    listed = [f"`{spec.name + ': ' if spec.name else ''}{spec.type}"
+              + (f" {tuple(spec.shape)}`" if hasattr(spec, "shape") else "`") for spec in specs[:MAX_SPECS_LISTED]]
+    if len(specs) > MAX_SPECS_LISTED:
+        listed.append(f"... ({len(specs)} columns)")
+    return ", ".join(listed)
 
 
 def _count(value: str | None) -> str:

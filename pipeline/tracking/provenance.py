@@ -177,23 +177,62 @@ class TFDSSource(DatasetSource):
 register_dataset_source(TFDSSource)
 
 
+class FilesSource(DatasetSource):
+    """Where a dataset of the user's own files was read from: a folder of images or a
+    CSV file, with a digest of what was read (`pipeline.datasets`: relative paths,
+    sizes and modification times of a folder's files; a CSV file's bytes)."""
+
+    def __init__(self, kind: str, location: str, digest: str) -> None:
+        self.kind, self.location, self.digest = kind, location, digest
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "files"
+
+    def load(self, **kwargs) -> str:
+        """The folder or file's path."""
+        return self.location
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> FilesSource:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "location": self.location, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> FilesSource:
+        return cls(source_dict["kind"], source_dict["location"], source_dict["digest"])
+
+
+register_dataset_source(FilesSource)
+
+
 class SplitDataset(Dataset):
-    """One split of a TFDS dataset, as MLflow lineage: name `digits:1.0.0`, a profile
-    with the split and its size, and a digest of name, version, split and size.
+    """One split of a dataset, as MLflow lineage: name `digits:1.0.0` (or
+    `photos:3fa91c2d` for files, the version being their digest's start), a profile with
+    the split and its size, and a digest of name, version, split and size.
 
     The digest identifies the data, not where it lies: the same split read from
-    another directory has the same digest. It is not a hash of the examples (that
-    would mean reading them); TFDS versions are immutable, so name, version and
-    split size pin them down.
+    another directory has the same digest. For TFDS it is not a hash of the examples
+    (that would mean reading them); TFDS versions are immutable, so name, version and
+    split size pin them down. For files it includes their digest: a changed folder or
+    table is a different dataset.
     """
 
-    def __init__(self, source: TFDSSource, split: str, examples: int) -> None:
-        self.split, self.examples = split, int(examples)
-        super().__init__(source=source, name=f"{source.name}:{source.version}")
+    def __init__(self, source: TFDSSource | FilesSource, name: str, version: str, split: str, examples: int) -> None:
+        self.split, self.examples, self.version = split, int(examples), version
+        super().__init__(source=source, name=f"{name}:{version}")
 
     def _compute_digest(self) -> str:
-        identity = {"name": self.source.name, "version": self.source.version, "split": self.split,
+        identity = {"name": self.name.rsplit(":", 1)[0], "version": self.version, "split": self.split,
                     "examples": self.examples}
+        if isinstance(self.source, FilesSource):
+            identity["files"] = self.source.digest
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
     @property
@@ -218,6 +257,9 @@ def log_dataset_input(
     sizes: Mapping[str, int],
     data_dir: str | None = None,
     run_id: str | None = None,
+    *,
+    kind: str = "tfds",
+    digest: str | None = None,
 ) -> list[SplitDataset]:
     """Log each split the run used as an MLflow dataset input (the run page's
     "Datasets used", and `run.inputs.dataset_inputs`).
@@ -229,17 +271,19 @@ def log_dataset_input(
     (name, digest) and links it to a run once, whatever the context.
 
     Args:
-        name: the TFDS builder name, e.g. "digits".
-        version: its version, e.g. "1.0.0".
+        name: the dataset's name, e.g. "digits" (a TFDS builder) or "photos" (a folder).
+        version: its version, e.g. "1.0.0", or the start of a digest of its files.
         sizes: role -> examples, e.g. `Splits.sizes` ({"train": 1293, "val": 144, "test": 360}).
-        data_dir: the prepared dataset's directory, recorded as the source.
+        data_dir: the prepared dataset's directory, or the folder or file read, recorded as the source.
         run_id: the run to log to; default the active run.
+        kind: "tfds", "image_folder" or "csv".
+        digest: of the files read (`pipeline.datasets`), for a kind other than "tfds".
 
     Returns:
         The logged datasets, in `sizes` order.
     """
-    source = TFDSSource(name, version, data_dir)
-    datasets = [SplitDataset(source, role, examples) for role, examples in sizes.items()]
+    source = TFDSSource(name, version, data_dir) if kind == "tfds" else FilesSource(kind, str(data_dir), str(digest))
+    datasets = [SplitDataset(source, name, version, role, examples) for role, examples in sizes.items()]
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 

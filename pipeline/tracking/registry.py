@@ -27,16 +27,17 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.tracking import model_card
 
 if TYPE_CHECKING:
     import keras
+    import pandas as pd
     import tensorflow as tf
 
-    from architectures.common import InputSpec
+    from architectures.common import Column, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,20 @@ EXAMPLE_SIZE = 3
 
 
 def signature(input_spec: InputSpec) -> ModelSignature:
-    """Raw images in, float32 probabilities out.
+    """Raw inputs in, float32 probabilities out.
 
     A single image input is deliberately unnamed: with a named TensorSpec, MLflow 3.17's
     pyfunc passes `{name: array}` to the SavedModel's `serve` endpoint, which then fails.
-    Multimodal models take and return dicts, so their specs are named.
+    Multimodal models take and return dicts, so their specs are named. A table's model
+    takes the CSV's columns by name: a column schema, so `predict` takes a DataFrame.
     """
     image = (-1, *input_spec.shape)
+    if input_spec.tabular:
+        return ModelSignature(
+            inputs=Schema([ColSpec("double" if column.dtype == "float32" else "string", column.name)
+                           for column in input_spec.columns]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, input_spec.num_classes))]),
+        )
     if not input_spec.multimodal:
         return ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(input_spec.dtype), image)]),
@@ -65,13 +73,38 @@ def signature(input_spec: InputSpec) -> ModelSignature:
     )
 
 
-def example_inputs(test: tf.data.Dataset, count: int = EXAMPLE_SIZE) -> np.ndarray | dict[str, np.ndarray]:
+def example_inputs(test: tf.data.Dataset, input_spec: InputSpec,
+                   count: int = EXAMPLE_SIZE) -> np.ndarray | dict[str, np.ndarray] | pd.DataFrame:
     """The first `count` raw inputs of the batched test split, as the model takes them:
-    uint8 images `(count, H, W, C)`, or a dict of arrays for a multimodal model."""
+    uint8 images `(count, H, W, C)`, a dict of arrays for a multimodal model, or a
+    DataFrame of the CSV's columns for a table."""
     import tensorflow as tf
 
     inputs, _ = next(iter(test.take(1)))
-    return tf.nest.map_structure(lambda tensor: tensor[:count].numpy(), inputs)
+    inputs = tf.nest.map_structure(lambda tensor: tensor[:count].numpy(), inputs)
+    return column_frame(inputs, input_spec.columns) if input_spec.tabular else inputs
+
+
+def column_frame(inputs: Mapping[str, np.ndarray], columns: Sequence[Column]) -> pd.DataFrame:
+    """A table's model inputs ({column key: (N, 1)}) as the DataFrame of the CSV's columns
+    its logged model takes: float64 numbers, or Python strings (not bytes)."""
+    import pandas as pd
+
+    frame = {}
+    for column in columns:
+        values = np.asarray(inputs[column.key]).reshape(-1)
+        frame[column.name] = (np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+                              if values.dtype.kind in "SOU" else values.astype(np.float64))
+    return pd.DataFrame(frame)
+
+
+def model_metadata(class_names: Sequence[str], label_names: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """What the logged model's MLmodel file carries besides its signature: the class
+    names in the order of its output columns (`class_names`, per head for a multi-output
+    model), read back as `mlflow.pyfunc.load_model(uri).metadata.metadata["class_names"]`."""
+    if label_names:
+        return {"class_names": {head: list(names) for head, names in label_names.items()}}
+    return {"class_names": list(class_names)}
 
 
 def _save_keras_with_example(path: str, validate_serving_input: bool = True, **kwargs: Any) -> None:
@@ -87,13 +120,14 @@ KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_k
 
 
 def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_name: str | None = None,
-                    input_example: np.ndarray | Mapping[str, np.ndarray] | None = None) -> ModelInfo:
+                    input_example: Any = None, metadata: Mapping[str, Any] | None = None) -> ModelInfo:
     """Log `model` as a SavedModel (`serve` endpoint), with `input_example` (a few raw
     inputs: MLflow derives `serving_input_example.json` from it, the body `mlflow models
-    predict` and `/invocations` take), and optionally register it.
+    predict` and `/invocations` take) and `metadata` (`model_metadata`: the class
+    names), and optionally register it.
 
     Single-input models go through `mlflow.keras` (flavors keras + pyfunc). Multimodal
-    models are exported here with a dict-input endpoint and served by
+    models and tables are exported here with a dict-input endpoint and served by
     `pipeline/tracking/serving.py` as a pyfunc model from code. Either way, reloading needs
     TensorFlow and MLflow only.
     """
@@ -105,6 +139,7 @@ def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_
         "signature": signature(input_spec),
         "input_example": input_example,
         "registered_model_name": registered_model_name,
+        "metadata": dict(metadata or {}),
         # Explicit requirements: inferring them reloads the model in a subprocess.
         "pip_requirements": [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
                              f"mlflow=={mlflow.__version__}"],
@@ -113,26 +148,29 @@ def log_saved_model(model: keras.Model, input_spec: InputSpec, registered_model_
     # that out of the user's terminal and in the debug log.
     with (contextlib.redirect_stdout(io.StringIO()) as export_report, tempfile.TemporaryDirectory() as tmp,
           warnings.catch_warnings()):
-        if not input_spec.multimodal:
+        if not (input_spec.multimodal or input_spec.tabular):
             info = Model.log(artifact_path=None, flavor=KERAS_FLAVOR, model=model, save_exported_model=True,
                              **common)
         else:
+            if input_spec.tabular:  # {column key: (B, 1)}; serving.py maps the CSV's column names to them
+                inputs = {column.key: tf.TensorSpec((None, 1), tf.string if column.dtype == "string" else tf.float32)
+                          for column in input_spec.columns}
+                model_config = {"columns": {column.name: column.key for column in input_spec.columns}}
+            else:
+                inputs = {"image": tf.TensorSpec((None, *input_spec.shape), input_spec.dtype),
+                          "features": tf.TensorSpec((None, input_spec.features), tf.float32)}
+                model_config = {}
             archive = keras.export.ExportArchive()
             archive.track(model)
-            archive.add_endpoint(
-                name="serve",
-                fn=lambda inputs: model(inputs, training=False),
-                input_signature=[{
-                    "image": tf.TensorSpec((None, *input_spec.shape), input_spec.dtype),
-                    "features": tf.TensorSpec((None, input_spec.features), tf.float32),
-                }],
-            )
+            archive.add_endpoint(name="serve", fn=lambda inputs: model(inputs, training=False),
+                                 input_signature=[inputs])
             archive.write_out(f"{tmp}/saved_model")
-            # MLflow suggests type hints; the explicit tensor signature already validates inputs.
+            # MLflow suggests type hints; the explicit signature already validates inputs.
             warnings.filterwarnings("ignore", message=".*type hints.*")
             info = mlflow.pyfunc.log_model(
                 python_model=str(Path(__file__).with_name("serving.py")),
                 artifacts={"saved_model": f"{tmp}/saved_model"},
+                model_config=model_config,
                 **common,
             )
     log.debug("SavedModel export: %s", export_report.getvalue())

@@ -49,12 +49,16 @@ def log_training_plots(
     input_spec: InputSpec,
     run_id: str,
     grad_norm_threshold: float | None = None,
+    class_names: Sequence[str] = (),
+    label_names: Mapping[str, Sequence[str]] | None = None,
 ) -> list[str]:
     """Log the run's figures as PNGs under `plots/` of run `run_id`.
 
     - `learning_curves.png`: every metric of `history`, train and validation per epoch;
     - `confusion_matrix.png` on `test_data`, or `confusion_matrix_<head>.png` per output
-      head of a multi-output model (a 1-unit sigmoid head is binary);
+      head of a multi-output model (a 1-unit sigmoid head is binary), its axes labelled
+      with the class names; and `classification_report.txt` (`_<head>` likewise):
+      precision, recall, F1 and support of each class, by name;
     - `grad_norm.png`: the run's logged `grad_norm` metric per step and its
       `grad_norm/<layer>` metrics (the 12 layers with the largest peak norm), with
       `grad_norm_threshold` as a line; skipped when the run logged no `grad_norm`;
@@ -74,6 +78,8 @@ def log_training_plots(
         input_spec: the dataset's `InputSpec`: class count, or heads.
         run_id: the run to log to (need not be active).
         grad_norm_threshold: drawn on the gradient-norm figure, e.g. the guard's threshold.
+        class_names: of a single-output model's classes, in output order; () numbers them.
+        label_names: of each head's classes, for a multi-output model.
 
     Returns:
         The artifact paths logged, e.g. ["plots/learning_curves.png", ...].
@@ -84,7 +90,8 @@ def log_training_plots(
         # (what, how): each makes {file name: figure, or a file already written, or None}.
         makers: list[tuple[str, Callable[[], Mapping[str, Figure | Path | None]]]] = [
             ("learning curves", lambda: {"learning_curves.png": plots.learning_curves(history)}),
-            ("confusion matrix", lambda: _confusion_matrices(model, test_data, input_spec)),
+            ("confusion matrix", lambda: _confusion_matrices(model, test_data, input_spec, directory,
+                                                             class_names, label_names or {})),
             ("gradient norm", lambda: {"grad_norm.png": _grad_norm_figure(client, run_id, grad_norm_threshold)}),
             ("learning rate", lambda: {"learning_rate.png": plots.learning_rate_schedule(optimizer, total_steps)}),
             ("architecture", lambda: {"architecture.png": plots.architecture_diagram(
@@ -113,6 +120,24 @@ def log_training_plots(
             log.warning("plots not logged to run %s: %s: %s", run_id, type(error).__name__, error)
             return []
     return [f"{PLOTS_DIR}/{name}" for name in written]
+
+
+def log_augmented_examples(batch: tuple, class_names: Sequence[str], run_id: str, count: int = 16) -> str | None:
+    """`plots/augmented_examples.png`: the first `count` examples of a training batch as
+    augmentation left them (`batch`: (inputs, labels), inputs the images or a dict with
+    `image`). Never fails the run: a warning instead."""
+    try:
+        inputs, labels = batch
+        images = inputs["image"] if isinstance(inputs, Mapping) else inputs
+        labels = next(iter(labels.values())) if isinstance(labels, Mapping) else labels
+        figure = plots.image_grid(np.asarray(images)[:count], np.asarray(labels).reshape(-1)[:count], class_names,
+                                  title="augmented training examples (epoch 1, batch 1)")
+        MlflowClient().log_figure(run_id, figure, f"{PLOTS_DIR}/augmented_examples.png")
+        figure.clear()
+    except Exception as error:
+        log.warning("plot augmented examples skipped: %s: %s", type(error).__name__, error)
+        return None
+    return f"{PLOTS_DIR}/augmented_examples.png"
 
 
 def log_keras_model(model: keras.Model, run_id: str | None = None) -> str | None:
@@ -150,9 +175,10 @@ def predicted_classes(probabilities: np.ndarray) -> np.ndarray:
     return probabilities.argmax(axis=-1)
 
 
-def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset,
-                        input_spec: InputSpec) -> dict[str, Figure]:
-    """One figure per output head, from one pass over `test_data`."""
+def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset, input_spec: InputSpec, directory: Path,
+                        class_names: Sequence[str], label_names: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """One figure and one per-class report (written to `directory`) per output head,
+    from one pass over `test_data`."""
     import keras
     import tensorflow as tf
 
@@ -167,11 +193,18 @@ def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset,
             truth.setdefault(head, []).append(np.asarray(labels[head]).reshape(-1))
             predicted.setdefault(head, []).append(predicted_classes(probabilities))
     classes = dict(input_spec.heads) if input_spec.heads else {"": input_spec.num_classes}
-    figures = {}
+    names = dict(label_names) if input_spec.heads else {"": tuple(class_names)}
+    figures: dict[str, Any] = {}
     for head in truth:
         title = f"{model.name}: test split" + (f", head {head!r}" if head else "")
-        figures[f"confusion_matrix_{head}.png" if head else "confusion_matrix.png"] = plots.confusion_matrix(
-            np.concatenate(truth[head]), np.concatenate(predicted[head]), classes[head], title=title)
+        suffix = f"_{head}" if head else ""
+        head_names = tuple(names.get(head) or ()) or tuple(str(index) for index in range(classes[head]))
+        true, guessed = np.concatenate(truth[head]), np.concatenate(predicted[head])
+        figures[f"confusion_matrix{suffix}.png"] = plots.confusion_matrix(true, guessed, classes[head], title=title,
+                                                                          class_names=head_names)
+        report = directory / f"classification_report{suffix}.txt"
+        report.write_text(plots.per_class_report(true, guessed, head_names))
+        figures[report.name] = report
     return figures
 
 
