@@ -4,7 +4,9 @@ registered version.
 
 `python -m pipeline.train` runs in a real process, is SIGKILLed at one point (a
 checkpoint on disk, or a line it prints), resumed in a new process that is killed at the
-next point, and so on; the finished run is compared with one never interrupted.
+next point, and so on; the finished run is compared with one never interrupted. Both
+train with `augment=flip_crop`: every batch is augmented by a seed of (seed, epoch,
+batch), so a resumed run must see the very batches the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from mlflow.tracking import MlflowClient
 EPOCHS = 4
 # digits: 1293 training examples in batches of 32, so 41 steps an epoch.
 STEPS_PER_EPOCH = 41
-COMMON = [f"trainer.epochs={EPOCHS}", "trainer.verbose=0", "trainer.steps_per_execution=1"]
+COMMON = [f"trainer.epochs={EPOCHS}", "trainer.verbose=0", "trainer.steps_per_execution=1", "augment=flip_crop",
+          "augment.pad=1"]  # digits are 8x8: a 1-pixel crop
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 MODEL = "digits-mlp"
 

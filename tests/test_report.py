@@ -27,6 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GRAPHVIZ = importlib.util.find_spec("pydot") is not None and shutil.which("dot") is not None
 SINGLE_OUTPUT_PLOTS = {"learning_curves.png", "confusion_matrix.png", "grad_norm.png", "learning_rate.png"} | (
     {"architecture.png"} if GRAPHVIZ else set())
+REPORT = "classification_report.txt"  # beside the confusion matrix: per-class precision and recall, by name
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def log_grad_norms(run_id: str, layers: list[str], steps: range) -> None:
 def logged_pngs(run_id: str, tmp_path: Path) -> dict[str, bytes]:
     client = MlflowClient()
     local = Path(client.download_artifacts(run_id, "plots", str(tmp_path / "download")))
-    return {path.name: path.read_bytes() for path in local.iterdir()}
+    return {path.name: path.read_bytes() for path in local.iterdir() if path.suffix == ".png"}
 
 
 def test_single_output_run_gets_every_plot(trained, mlflow_store: str, tmp_path: Path) -> None:
@@ -65,7 +66,7 @@ def test_single_output_run_gets_every_plot(trained, mlflow_store: str, tmp_path:
         log_grad_norms(run.info.run_id, ["dense", "dense_1"], range(0, 82, 10))
         logged = report.log_training_plots(history, model, optimizer, splits.steps_per_epoch * 2, splits.test,
                                            splits.input_spec, run.info.run_id, grad_norm_threshold=5.0)
-    assert sorted(logged) == sorted(f"plots/{name}" for name in SINGLE_OUTPUT_PLOTS)
+    assert sorted(logged) == sorted(f"plots/{name}" for name in SINGLE_OUTPUT_PLOTS | {REPORT})
     pngs = logged_pngs(run.info.run_id, tmp_path)
     assert set(pngs) == SINGLE_OUTPUT_PLOTS
     for name, content in pngs.items():
@@ -74,11 +75,17 @@ def test_single_output_run_gets_every_plot(trained, mlflow_store: str, tmp_path:
 
 def test_confusion_matrix_counts_the_models_test_predictions(trained) -> None:
     model, _, _, splits = trained
-    (name, figure), = report._confusion_matrices(model, splits.test, splits.input_spec).items()
-    assert name == "confusion_matrix.png"
+    made = report._confusion_matrices(model, splits.test, splits.input_spec, splits.class_names)
+    assert set(made) == {"confusion_matrix.png", REPORT}
     accuracy = model.evaluate(splits.test, return_dict=True, verbose=0)["accuracy"]
+    figure = made["confusion_matrix.png"]
     title = figure.axes[0].get_title()
     assert f"accuracy {accuracy:.4f} on {splits.sizes['test']} examples" in title, title
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == list(splits.class_names)
+    rows = made[REPORT].splitlines()
+    assert rows[0].split() == ["class", "precision", "recall", "f1-score", "support"]
+    assert [row.split()[0] for row in rows[1:-1]] == list(splits.class_names)
+    assert rows[-1].split()[1] == f"{accuracy:.4f}" and int(rows[-1].split()[2]) == splits.sizes["test"]
 
 
 def test_grad_norm_figure_reads_the_runs_metrics(mlflow_store: str) -> None:
@@ -102,7 +109,8 @@ def test_plots_skip_what_cannot_be_drawn_and_never_raise(trained, mlflow_store: 
             # grad_norm metric in the run skips that plot without a warning.
             logged = report.log_training_plots({}, model, optimizer, 0, splits.test, splits.input_spec,
                                                run.info.run_id)
-    assert sorted(logged) == sorted(["plots/confusion_matrix.png"] + (["plots/architecture.png"] if GRAPHVIZ else []))
+    assert sorted(logged) == sorted(["plots/confusion_matrix.png", f"plots/{REPORT}"]
+                                    + (["plots/architecture.png"] if GRAPHVIZ else []))
     warnings = [record.getMessage() for record in caplog.records]
     assert any(m.startswith("plot learning curves skipped: ValueError") for m in warnings), warnings
     assert any(m.startswith("plot learning rate skipped: ValueError: total_steps") for m in warnings), warnings
@@ -152,7 +160,8 @@ def test_multi_output_model_gets_one_confusion_matrix_per_head(mlflow_store: str
         logged = report.log_training_plots(history, model, model.optimizer, 6, test, spec, run.info.run_id)
     expected = {"learning_curves.png", "confusion_matrix_binary.png", "confusion_matrix_category.png",
                 "learning_rate.png"} | ({"architecture.png"} if GRAPHVIZ else set())
-    assert {path.removeprefix("plots/") for path in logged} == expected
+    reports = {"classification_report_binary.txt", "classification_report_category.txt"}
+    assert {path.removeprefix("plots/") for path in logged} == expected | reports
     assert set(logged_pngs(run.info.run_id, tmp_path)) == expected
 
     figures = report._confusion_matrices(model, test, spec)
@@ -199,7 +208,7 @@ def test_plots_of_a_real_training_run(in_default_run_store: TrainedRun, tfds_dir
     logged = report.log_training_plots(guarded.history.history, guarded.model, guarded.optimizer,
                                        splits.steps_per_epoch * cfg.trainer.epochs, splits.test, splits.input_spec,
                                        run.info.run_id)
-    assert {path.removeprefix("plots/") for path in logged} == SINGLE_OUTPUT_PLOTS
+    assert {path.removeprefix("plots/") for path in logged} == SINGLE_OUTPUT_PLOTS | {REPORT}
     assert set(logged_pngs(run.info.run_id, tmp_path)) == SINGLE_OUTPUT_PLOTS
 
 

@@ -90,8 +90,7 @@ def log_training_plots(
         # (what, how): each makes {file name: figure, or a file already written, or None}.
         makers: list[tuple[str, Callable[[], Mapping[str, Figure | Path | None]]]] = [
             ("learning curves", lambda: {"learning_curves.png": plots.learning_curves(history)}),
-            ("confusion matrix", lambda: _confusion_matrices(model, test_data, input_spec, directory,
-                                                             class_names, label_names or {})),
+            ("confusion matrix", lambda: _confusion_matrices(model, test_data, input_spec, class_names, label_names)),
             ("gradient norm", lambda: {"grad_norm.png": _grad_norm_figure(client, run_id, grad_norm_threshold)}),
             ("learning rate", lambda: {"learning_rate.png": plots.learning_rate_schedule(optimizer, total_steps)}),
             ("architecture", lambda: {"architecture.png": plots.architecture_diagram(
@@ -103,7 +102,9 @@ def log_training_plots(
                 for name, figure in make().items():
                     if figure is None:  # nothing to draw: said where it was decided
                         continue
-                    if isinstance(figure, Figure):
+                    if isinstance(figure, str):  # a text report
+                        (directory / name).write_text(figure)
+                    elif isinstance(figure, Figure):
                         plots.save(figure, directory / name)
                         # Built without pyplot: there is no global figure to close; it
                         # goes with its last reference, and clearing frees it now.
@@ -175,10 +176,11 @@ def predicted_classes(probabilities: np.ndarray) -> np.ndarray:
     return probabilities.argmax(axis=-1)
 
 
-def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset, input_spec: InputSpec, directory: Path,
-                        class_names: Sequence[str], label_names: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """One figure and one per-class report (written to `directory`) per output head,
-    from one pass over `test_data`."""
+def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset, input_spec: InputSpec,
+                        class_names: Sequence[str] = (),
+                        label_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, Figure | str]:
+    """One figure and one per-class report (text) per output head, from one pass over
+    `test_data`, the classes named by `class_names` (or, per head, `label_names`)."""
     import keras
     import tensorflow as tf
 
@@ -193,7 +195,7 @@ def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset, input_sp
             truth.setdefault(head, []).append(np.asarray(labels[head]).reshape(-1))
             predicted.setdefault(head, []).append(predicted_classes(probabilities))
     classes = dict(input_spec.heads) if input_spec.heads else {"": input_spec.num_classes}
-    names = dict(label_names) if input_spec.heads else {"": tuple(class_names)}
+    names = dict(label_names or {}) if input_spec.heads else {"": tuple(class_names)}
     figures: dict[str, Any] = {}
     for head in truth:
         title = f"{model.name}: test split" + (f", head {head!r}" if head else "")
@@ -202,9 +204,7 @@ def _confusion_matrices(model: keras.Model, test_data: tf.data.Dataset, input_sp
         true, guessed = np.concatenate(truth[head]), np.concatenate(predicted[head])
         figures[f"confusion_matrix{suffix}.png"] = plots.confusion_matrix(true, guessed, classes[head], title=title,
                                                                           class_names=head_names)
-        report = directory / f"classification_report{suffix}.txt"
-        report.write_text(plots.per_class_report(true, guessed, head_names))
-        figures[report.name] = report
+        figures[f"classification_report{suffix}.txt"] = plots.per_class_report(true, guessed, head_names)
     return figures
 
 
