@@ -1,7 +1,8 @@
 """Augmentation (`augment=flip_crop|light|custom`): each does what its name says to
 training batches only, and the same (seed, epoch, batch) always gives the same batch,
 which is what keeps a resumed run exact (tests/test_kill_points.py trains with
-`augment=flip_crop` end to end)."""
+`augment=flip_crop` end to end; tests/test_private_api_canaries.py checks how custom
+Keras layers get their seed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import tensorflow as tf
 from conftest import compose_config
 
 from pipeline import augment, data
-from pipeline.augment import BatchSeed, FlipCrop, KerasLayers, Light
+from pipeline.augment import FlipCrop, KerasLayers, Light
 from pipeline.errors import ConfigError
 
 
@@ -76,21 +77,6 @@ def test_the_seed_alone_decides_the_batch(augmentation) -> None:
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
     assert first.dtype == images.dtype
-
-
-def test_keras_layers_draw_through_the_batch_seed() -> None:
-    # Canary (pipeline/augment.py, written against Keras 3.15): BatchSeed hands a Keras
-    # layer a stateless seed by subclassing SeedGenerator without its variable, relying on
-    # Keras's random ops to draw with `next()`. If this fails, revisit BatchSeed.
-    draws = [keras.random.uniform((4,), seed=BatchSeed(tf.constant([5, 9]))) for _ in range(2)]
-    np.testing.assert_array_equal(draws[0], draws[1])
-    assert not np.array_equal(draws[0], keras.random.uniform((4,), seed=BatchSeed(tf.constant([5, 10]))))
-    layer = keras.layers.RandomRotation(0.2)
-    images = tf.cast(batch(size=16)[0], tf.float32)
-    transformation = layer.get_random_transformation(images, training=True, seed=BatchSeed(tf.constant([1, 2])))
-    repeat = layer.get_random_transformation(images, training=True, seed=BatchSeed(tf.constant([1, 2])))
-    np.testing.assert_array_equal(layer.transform_images(images, transformation),
-                                  layer.transform_images(images, repeat))
 
 
 def test_only_training_batches_are_augmented_and_each_epoch_differently(tfds_dir: str) -> None:

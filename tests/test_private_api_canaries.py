@@ -188,8 +188,30 @@ def dataset_entity() -> None:
 
     from pipeline.tracking.provenance import SplitDataset, TFDSSource
 
-    entity = SplitDataset(TFDSSource("digits", "1.0.0", "/data"), "train", 10)._to_mlflow_entity()
+    entity = SplitDataset(TFDSSource("digits", "1.0.0", "/data"), "digits", "1.0.0", "train", 10)._to_mlflow_entity()
     assert isinstance(entity, DatasetEntity) and entity.name == "digits:1.0.0" and entity.digest
+
+
+@canary(Private(
+    "`keras.random.SeedGenerator` subclassed without its `__init__`: Keras's random ops draw a seed with `next()`",
+    "keras", "3.15.1", "pipeline/augment.py",
+    "`augment=custom` runs Keras preprocessing layers in tf.data with a seed fixed by (seed, epoch, batch); their "
+    "public `seed` takes a Python int or a stateful SeedGenerator, whose variable cannot be made per batch"))
+def batch_seed() -> None:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.augment import BatchSeed
+
+    draws = [keras.random.uniform((4,), seed=BatchSeed(tf.constant([5, 9]))) for _ in range(2)]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.array_equal(draws[0], keras.random.uniform((4,), seed=BatchSeed(tf.constant([5, 10]))))
+    layer = keras.layers.RandomRotation(0.2)
+    images = tf.random.stateless_uniform((2, 16, 16, 3), (1, 2), maxval=255.0)
+    rotated = [layer.transform_images(images, layer.get_random_transformation(
+        images, training=True, seed=BatchSeed(tf.constant([1, 2])))) for _ in range(2)]
+    np.testing.assert_array_equal(rotated[0], rotated[1])
 
 
 # -- Hydra --------------------------------------------------------------------------------
