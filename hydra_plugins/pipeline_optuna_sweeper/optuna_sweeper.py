@@ -3,14 +3,18 @@ trials through the configured Hydra launcher (basic, joblib, submitit, Ray).
 
     python -m pipeline.train hparams_search=optuna hydra.sweeper.n_trials=20
     python -m pipeline.train hparams_search=optuna hydra.sweeper.pruner=hyperband hydra/launcher=joblib
+    python -m pipeline.train hparams_search=optuna hydra.sweeper.storage=journal:///shared/study.log  # on N machines
 
 It replaces hydra-optuna-sweeper, which pins Optuna < 3. Each round asks up to `n_jobs`
 trials, launches them as one batch, and tells Optuna each outcome: COMPLETE with the
 returned metric, PRUNED when the job's pruning callback stopped it, FAIL when the job
 failed. `n_trials` is the study's total: the loop ends once the study holds that many
 counted trials, whoever ran them (a resumed command, or other workers on the same
-storage). While trials run, this process records their heartbeats; a trial whose
-launching process died is failed by the next worker (`fail_stale_trials`) and asked again.
+storage), or earlier once `patience` finished trials in a row did not improve the best
+(`pipeline.tracking.optuna_progress`). While trials run, this process records their
+heartbeats (in a journal file too: `pipeline.tracking.optuna_journal`); a trial whose
+launching process died is failed by the next worker (`fail_stale_trials`) and asked
+again. Each told trial prints one line, and the MLflow parent charts the search.
 
 What a study is, how its space is read and how it maps onto MLflow lives in
 `pipeline.tracking.optuna_study` and `optuna_runs`; this module, scanned by Hydra at every start, imports
@@ -44,6 +48,7 @@ class OptunaSweeper(Sweeper):
         self.launcher = None
         self.hydra_context = None
         self.spec = None
+        self._composed: set[tuple[str, str]] | None = None  # categorical values composed so far
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
@@ -134,7 +139,7 @@ class OptunaSweeper(Sweeper):
         for heartbeat in heartbeats:
             heartbeat.start()
         try:
-            self.validate_batch_is_legal(overrides)
+            self.validate_batch_is_legal([job for job, trial in zip(overrides, batch) if self._composes_anew(trial)])
             returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
         finally:
             for heartbeat in heartbeats:
@@ -151,6 +156,19 @@ class OptunaSweeper(Sweeper):
             best = best_of(trials, direction)
             children.log_progress(sum(counts_toward_n_trials(t) for t in trials), best.value if best else None)
         return list(returns)
+
+    def _composes_anew(self, trial) -> bool:
+        """Whether a trial's overrides need composing before launch (Hydra's
+        `validate_batch_is_legal`, which composes the whole config: ~0.35 s a trial on 2
+        cores): the first trial's do, and any with a categorical value (a config group's
+        option) not composed before; numbers from the same ranges compose alike."""
+        from optuna.distributions import CategoricalDistribution
+
+        choices = {(key, str(trial.params[key])) for key, d in self.spec.space.items()
+                   if isinstance(d, CategoricalDistribution)}
+        new = self._composed is None or not choices <= self._composed
+        self._composed = (self._composed or set()) | choices
+        return new
 
     def _tell(self, study, trial, job_return) -> str | None:
         """Tell Optuna how `trial` ended; return its state's name (None if another worker

@@ -61,7 +61,22 @@ def storage_for(url: str, heartbeat_interval: int | None = None, grace_period: i
     """Optuna's storage for `url`: a SQLAlchemy URL (sqlite, PostgreSQL, ...) is an RDB
     storage; `journal:///path` (or a bare path) a journal file (`JournalFileBackend`,
     whose default lock is a symlink, which NFS honours). With `heartbeat_interval`, the
-    storage fails trials whose heartbeat stopped and enqueues them again."""
+    storage fails trials whose heartbeat stopped and enqueues them again (a new storage
+    each call); without, one storage per URL serves the whole process."""
+    if heartbeat_interval is None:
+        # Opening one costs ~0.2 s (an engine, a schema check), and each trial of a search
+        # opens it twice (its pruning callback, `best_so_far`): once per process instead.
+        key = (os.getpid(), url)
+        if key not in _opened:
+            _opened[key] = _storage(url)
+        return _opened[key]
+    return _storage(url, heartbeat_interval, grace_period)
+
+
+_opened: dict[tuple[int, str], Any] = {}  # (pid, url) -> storage without heartbeats
+
+
+def _storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
     import optuna
 
     retry = None
