@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import requests
 from conftest import run_module
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import ConfigError
 from pipeline.tracking import optuna_study
+from pipeline.tracking.optuna_trial import storage_for
 
 # Trials of 2 epochs, silent, no SavedModel: a trial costs a few seconds.
 TINY = ("trainer.epochs=2", "trainer.verbose=0", "mlflow.log_model=false")
@@ -128,7 +132,7 @@ def test_a_bad_search_is_one_line_and_opens_no_parent_run(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_hopeless_trials_are_pruned_and_a_rerun_continues_the_study(tfds_dir: str, tmp_path: Path) -> None:
-    # Every trial's model logged, and every finished one's registered: a pruned one's is not.
+    # register=all: every complete trial's model logged and registered; a pruned one exports none.
     registering = ("mlflow.log_model=true", "hydra.callbacks.sweep.register=all")
     result = search(tmp_path, tfds_dir, *PRUNABLE, *registering, "hydra.sweeper.n_trials=3")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -152,6 +156,9 @@ def test_hopeless_trials_are_pruned_and_a_rerun_continues_the_study(tfds_dir: st
         by_trial[1].info.run_id, "val_accuracy")) == 1, "pruned after its first epoch"
     assert parent.data.tags["sweep.best_run_id"] == by_trial[0].info.run_id
     assert [by_trial[n].data.tags.get("registered_model") for n in range(3)] == ["digits-mlp/1", None, None]
+    assert [by_trial[n].data.tags["trial_artifacts"] for n in (1, 2)] == ["all but the model: pruned at epoch 0"] * 2
+    assert [m.source_run_id for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_logged_models(
+        [parent.info.experiment_id])] == [by_trial[0].info.run_id], "a pruned trial never exports"
     versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='digits-mlp'")
     assert [v.run_id for v in versions] == [by_trial[0].info.run_id]
     artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(
@@ -324,8 +331,6 @@ def test_a_journal_trial_whose_heartbeat_stopped_is_failed_and_asked_again(tmp_p
     from optuna.storages import fail_stale_trials
     from optuna.storages._heartbeat import get_heartbeat_thread
 
-    from pipeline.tracking.optuna_trial import storage_for
-
     url = f"journal://{tmp_path / 'study.log'}"
     study = optuna.create_study(study_name="s", storage=storage_for(url, heartbeat_interval=1, grace_period=1))
     with warnings.catch_warnings():
@@ -399,3 +404,59 @@ def test_only_the_trial_that_becomes_the_best_records_its_model_and_patience_end
     assert best == [study.best_value] * 3
     assert parent.data.tags["sweep.stopped"].startswith("patience: 2 finished trials in a row")
     assert re.search(rf"^dashboard +optuna-dashboard sqlite:///{tmp_path / 'optuna.db'} ", result.stdout, re.M)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_optuna_dashboard_opens_the_study_the_closing_block_names(kind: str, tmp_path: Path) -> None:
+    # The optional extra (`.[dashboard]`, in `dev`): what the closing block's command starts.
+    from mlflow_server import free_port, stop_process_group, wait_until_answers
+
+    from pipeline.summary import search_rows
+
+    dashboard = shutil.which("optuna-dashboard")
+    if dashboard is None:
+        pytest.skip("optuna-dashboard is not installed: pip install -e '.[dashboard]'")
+    storage = {"sqlite": f"sqlite:///{tmp_path / 'optuna.db'}", "journal": f"journal://{tmp_path / 'study.log'}"}[kind]
+    study = optuna.create_study(study_name="digits-0123456789", storage=storage_for(storage), direction="maximize")
+    for lr, accuracy in ((1e-3, 0.95), (1e-2, 0.97)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"optimizer.lr": lr}, distributions={"optimizer.lr": optuna.distributions.FloatDistribution(
+                1e-4, 3e-2, log=True)}, value=accuracy, intermediate_values={0: accuracy - 0.1, 1: accuracy}))
+    ((_, command),) = [row for row in search_rows({"optuna.storage": storage}) if row[0] == "dashboard"]
+    argv = shlex.split(command.partition("  #")[0])
+    assert argv[0] == "optuna-dashboard"
+
+    port = free_port()
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([dashboard, *argv[1:], "--host", "127.0.0.1", "--port", str(port)], stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_answers(f"{url}/api/studies", process, 60, lambda: log.read_text(errors="replace")[-2000:])
+        (listed,) = requests.get(f"{url}/api/studies", timeout=10).json()["study_summaries"]
+        assert listed["study_name"] == "digits-0123456789"
+        detail = requests.get(f"{url}/api/studies/{listed['study_id']}", timeout=10).json()
+        assert [t["values"] for t in detail["trials"]] == [[0.95], [0.97]]
+        assert detail["best_trials"][0]["number"] == 1
+    finally:
+        stop_process_group(process)
+
+
+def test_in_process_trials_share_their_data(tfds_dir: str) -> None:
+    # The jobs of a sweep in one process (the basic launcher's trials) read, decode and
+    # trace the same dataset once; another seed orders the epochs differently: new splits.
+    import dataclasses
+
+    from pipeline.plan import compose
+    from pipeline.tracking.sweep_job import SweepJob
+    from pipeline.train import loaded_splits
+
+    job = SweepJob(parent_run_id="0" * 32, run_name="optimizer.lr=0.01", tags={})
+    first = dataclasses.replace(compose([f"dataset.data_dir={tfds_dir}", "optimizer.lr=0.01"]), sweep=job)
+    second = dataclasses.replace(compose([f"dataset.data_dir={tfds_dir}", "optimizer.lr=0.001"]), sweep=job)
+    reseeded = dataclasses.replace(compose([f"dataset.data_dir={tfds_dir}", "seed=7"]), sweep=job)
+    assert loaded_splits(second) is loaded_splits(first)
+    assert loaded_splits(reseeded) is not loaded_splits(first)
+    single = compose([f"dataset.data_dir={tfds_dir}"])
+    assert loaded_splits(single) is not loaded_splits(single), "a single run reads its own"

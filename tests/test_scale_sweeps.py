@@ -4,6 +4,11 @@ MLflow's tracking server on PostgreSQL. Every sweep runs as a user would type it
 against a real `mlflow server`, and is read back with MLflow's own client: one parent
 run, one FINISHED child per job, nested under that parent.
 
+One Optuna study is shared by three commands started independently, with the journal
+file (a shared filesystem, no server) and with PostgreSQL as its storage: they run
+exactly `n_trials` trials between them, under one MLflow parent run. Our sweeper also
+runs its trials through `submitit_local` and `ray_local`.
+
 SLURM itself is not here (no `sbatch` on this machine): its preset is composed and its
 launcher built, and `hydra/launcher=submitit_local` runs the same launcher code with
 local processes instead of array tasks.
@@ -12,8 +17,13 @@ local processes instead of array tasks.
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import optuna
 import psycopg2
 import pytest
 from conftest import REPO, SWEEP_JOB, run_module, sweep_runs
@@ -21,6 +31,9 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, PostgresCluster, postgres, postgres_mlflow_server  # noqa: F401  (fixtures)
+
+from pipeline.tracking.optuna_study import counts_toward_n_trials
+from pipeline.tracking.optuna_trial import storage_for
 
 LAUNCHER_PRESETS = sorted((REPO / "conf" / "hydra" / "launcher").glob("*.yaml"))
 
@@ -152,3 +165,94 @@ def test_parallel_sweep_into_mlflow_on_postgresql(postgres: PostgresCluster,  # 
     connection.close()
     assert stored == {run.info.run_id: "FINISHED" for run in (parent, *children)}
     assert stored_versions == 4
+
+
+# -- one Optuna study across processes and launchers ------------------------------------
+
+
+def independent_workers(tmp_path: Path, tfds_dir: str, storage: str, workers: int = 3,
+                        n_trials: int = 4) -> list[subprocess.CompletedProcess]:
+    """`workers` copies of one search command started at once, each in a directory of
+    its own (as on machines of their own), sharing only the Optuna storage and the MLflow
+    store; their outputs once all have ended."""
+    command = [sys.executable, "-m", "pipeline.train", "hparams_search=optuna", *TINY, "mlflow.log_model=false",
+               f"dataset.data_dir={tfds_dir}", f"hydra.sweeper.storage={storage}",
+               f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.pruner=none",
+               # A worker with no trial left to ask polls for the others' end every second, not 5.
+               "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=10",
+               f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    processes = []
+    for number in range(workers):
+        (tmp_path / f"host{number}").mkdir()
+        processes.append(subprocess.Popen(command, cwd=tmp_path / f"host{number}", env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(processes, outputs)]
+
+
+def assert_one_study_one_parent(results: list[subprocess.CompletedProcess], storage, tmp_path: Path,
+                                n_trials: int = 4) -> None:
+    assert [r.returncode for r in results] == [0] * len(results), "\n".join(r.stderr[-2000:] for r in results)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    counted = [t.number for t in trials if counts_toward_n_trials(t)]
+    assert len(counted) == n_trials, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    lines = [line for r in results for line in r.stdout.splitlines() if re.match(rf"\[\d+/{n_trials}\] trial ", line)]
+    assert len(lines) == n_trials, "each trial's line, printed by the worker that ran it"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, children = sweep_runs(client)  # exactly one parent: the study's
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.study_name"] == summary.study_name
+    finished = sorted(int(c.data.tags["optuna.trial_number"]) for c in children if c.info.status == "FINISHED")
+    assert finished == sorted(counted), "every counted trial is a FINISHED child of the one parent"
+    assert parent.data.tags["sweep.stopped"] == f"n_trials: the study holds {n_trials} finished trials " \
+                                                f"(n_trials={n_trials})"
+
+
+@pytest.mark.slow
+def test_three_independent_commands_share_one_study_in_a_journal_file(tfds_dir: str, tmp_path: Path) -> None:
+    # A cluster with a shared filesystem and no database server: the journal file on it.
+    journal = tmp_path / "shared" / "study.log"
+    journal.parent.mkdir()
+    results = independent_workers(tmp_path, tfds_dir, f"journal://{journal}")
+    assert_one_study_one_parent(results, storage_for(f"journal://{journal}"), tmp_path)
+
+
+@pytest.mark.slow
+def test_three_independent_commands_share_one_study_in_postgresql(postgres: PostgresCluster,  # noqa: F811
+                                                                   tfds_dir: str, tmp_path: Path) -> None:
+    # A database of its own: MLflow's (the server tests') keeps its own alembic_version table.
+    postgres.run("createdb", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "mlflow", "optuna")
+    url = f"postgresql+psycopg2://mlflow@127.0.0.1:{postgres.port}/optuna"
+    results = independent_workers(tmp_path, tfds_dir, url)
+    assert_one_study_one_parent(results, url, tmp_path)
+    with psycopg2.connect(host="127.0.0.1", port=postgres.port, user="mlflow", dbname="optuna") as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT state, count(*) FROM trials GROUP BY state")
+            assert dict(cursor.fetchall())["COMPLETE"] == 4, "the trials are PostgreSQL's rows"
+    connection.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["submitit_local", "ray_local"])
+def test_an_optuna_search_runs_its_trials_through_another_launcher(launcher: str, tfds_dir: str,
+                                                                   tmp_path: Path) -> None:
+    # Trials in processes the launcher starts, two at a time, reporting their epochs to the
+    # study (what pruning reads) through the storage.
+    result = run_module("pipeline.train", "hparams_search=optuna", f"hydra/launcher={launcher}", *TINY,
+                        "mlflow.log_model=false", "hydra.sweeper.n_trials=4",
+                        "hydra.sweeper.n_jobs=2", f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
+                        env={"RAY_USAGE_STATS_ENABLED": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert all(len(t.intermediate_values) == 1 for t in trials), "the epoch reported from the launcher's process"
+    parent, children = sweep_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert parent.data.tags["sweep.launcher"] == {"submitit_local": "LocalLauncher", "ray_local": "RayLauncher"}[
+        launcher]
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2, 3]
+    assert [c.info.status for c in children] == ["FINISHED"] * 4
