@@ -31,6 +31,7 @@ best val accuracy A vs B vs C` (KerasTuner, unpruned, pruned).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1, help="each arm this many times, in turning order")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/performance.md")
+    parser.add_argument("--keep", type=Path, help="run in this new directory and keep it (studies, stores, logs)")
     parser.add_argument("--keras-tuner-arm", type=Path, help=argparse.SUPPRESS)  # the arm's own process
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,7 +130,7 @@ def main() -> None:
         return
     print(host_steadiness(), f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         data_dir = str(Path(tmp) / "tfds")
         for index in range(args.rounds):
             order = ARMS[index % len(ARMS):] + ARMS[:index % len(ARMS)]
