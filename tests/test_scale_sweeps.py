@@ -171,7 +171,7 @@ def test_parallel_sweep_into_mlflow_on_postgresql(postgres: PostgresCluster,  # 
 
 
 def independent_workers(tmp_path: Path, tfds_dir: str, storage: str, workers: int = 3,
-                        n_trials: int = 4) -> list[subprocess.CompletedProcess]:
+                        n_trials: int = 3) -> list[subprocess.CompletedProcess]:
     """`workers` copies of one search command started at once, each in a directory of
     its own (as on machines of their own), sharing only the Optuna storage and the MLflow
     store; their outputs once all have ended."""
@@ -192,7 +192,7 @@ def independent_workers(tmp_path: Path, tfds_dir: str, storage: str, workers: in
 
 
 def assert_one_study_one_parent(results: list[subprocess.CompletedProcess], storage, tmp_path: Path,
-                                n_trials: int = 4) -> None:
+                                n_trials: int = 3) -> None:
     assert [r.returncode for r in results] == [0] * len(results), "\n".join(r.stderr[-2000:] for r in results)
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
@@ -231,7 +231,7 @@ def test_three_independent_commands_share_one_study_in_postgresql(postgres: Post
     with psycopg2.connect(host="127.0.0.1", port=postgres.port, user="mlflow", dbname="optuna") as connection:
         with connection.cursor() as cursor:
             cursor.execute("SELECT state, count(*) FROM trials GROUP BY state")
-            assert dict(cursor.fetchall())["COMPLETE"] == 4, "the trials are PostgreSQL's rows"
+            assert dict(cursor.fetchall())["COMPLETE"] == 3, "the trials are PostgreSQL's rows"
     connection.close()
 
 
