@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "mlflow.experiment_name", lambda v: bool(v.strip()), "must not be empty")
     # MLflow's stores keep experiment names in a 256-character column.
     _check(cfg, "mlflow.experiment_name", lambda v: len(v) <= 256, "must be at most 256 characters")
+    _check_registered_model_name(cfg)
     _check(cfg, "mlflow.champion_alias", lambda v: v.strip() and v != "latest",
            "must be a non-empty alias other than 'latest' (MLflow reserves it)")
     _check(cfg, "mlflow.champion_mode", lambda v: v in ("max", "min"), "must be 'max' or 'min'")
@@ -381,6 +383,38 @@ def _check_augment(cfg: DictConfig) -> None:
     from pipeline import augment as augment_module
 
     augment_module.from_config(augment)  # builds the layers of augment=custom too
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why MLflow's model registry refuses `name`, or None: the rules of
+    `mlflow.utils.validation._validate_model_name` (MLflow 3.17), mirrored rather than
+    imported, which would import MLflow before training (about a second of start-up);
+    tests/test_private_api_canaries.py checks that the two agree."""
+    if not name.strip():
+        return "it is empty"
+    if "/" in name or ":" in name:
+        return "names cannot contain '/' or ':'"
+    resolved = posixpath.normpath(name)  # the registry may use a name as a path
+    if resolved != name or resolved == "." or resolved.startswith(("..", "/")):
+        return f"as a path it resolves to {resolved!r}"
+    return None
+
+
+def _check_registered_model_name(cfg: DictConfig) -> None:
+    """The name a run registers its model under, as MLflow will check it after training:
+    `mlflow.registered_model_name`, else `{dataset.name}-{architecture}` when a model is logged."""
+    name = cfg.mlflow.registered_model_name
+    if name is not None:
+        problem = model_name_problem(name)
+        if problem:
+            raise ConfigError(f"mlflow.registered_model_name: MLflow refuses the name {name!r}: {problem}")
+    elif cfg.mlflow.log_model and "." in str(cfg.architecture.get("_target_") or ""):  # else: refused below
+        # As tracking.registered_model_name names it; the architecture's group option is its module's name.
+        default = f"{cfg.dataset.name}-{str(cfg.architecture._target_).split('.')[-2]}"
+        problem = model_name_problem(default)
+        if problem:
+            raise ConfigError(f"mlflow.registered_model_name: MLflow refuses the default name {default!r} "
+                              f"(dataset.name-architecture): {problem}; set mlflow.registered_model_name")
 
 
 def _check(cfg: DictConfig, key: str, ok: Callable[[Any], Any], rule: str) -> None:

@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    from pipeline import data, store_uri
+    from pipeline import data, input_specs, store_uri
     from pipeline.tracking import registry
 
     mlflow.set_tracking_uri(store_uri.tracking_uri_exporting_credentials(cfg.mlflow.tracking_uri))
@@ -60,6 +60,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     split, examples = data.split(cfg.dataset, cfg.split)
     columns = examples.input_spec.columns if examples is not None else ()
+    input_specs.require_fit(input_specs.of_signature(model.metadata.get_input_schema()),
+                            input_specs.of_dataset(split.element_spec), cfg.model, cfg.dataset.name, "evaluate it")
 
     # Accumulate per head: a single-label dataset has one unnamed head.
     log_loss: dict[str, float] = {}

@@ -79,7 +79,7 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
     import mlflow
     import numpy as np
 
-    from pipeline import data, store_uri
+    from pipeline import data, input_specs, store_uri
     from pipeline.figures import plots
 
     mlflow.set_tracking_uri(store_uri.tracking_uri_exporting_credentials(cfg.mlflow.tracking_uri))
@@ -91,6 +91,8 @@ def inspect_model(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, dic
         raise ConfigError(f"layers: {error}") from None
 
     split, _ = data.split(cfg.dataset, cfg.split, autocache=False)  # one batch of it is read
+    input_specs.require_fit(input_specs.of_keras(model), input_specs.of_dataset(split.element_spec), cfg.model,
+                            cfg.dataset.name, "inspect it")
     # Tensors, not NumPy: a table's text columns would be object arrays, which Keras refuses.
     batch = next(iter(split.take(cfg.examples).batch(cfg.examples)), None)
     if batch is None:

@@ -1,10 +1,12 @@
 """Bad configs and inputs: each ends in exactly one readable line and a non-zero exit.
 
 The table runs the real entry point (`pipeline.train.cli_main`: Hydra composition, our
-validation, data loading, tracking, resume) in-process, with the user's argv, and has
-at least one case for every config group in conf/ (checked by a test of its own); a few
-cases also run as separate processes in tests/test_cli.py and test_fault_tolerance.py.
-Cases that need an existing run resume the session's `default_run` (tests/conftest.py).
+validation, data loading, tracking, resume; or `pipeline.evaluate`'s and
+`pipeline.inspect`'s, for a case whose argv starts with the module) in-process, with the
+user's argv, and has at least one case for every config group in conf/ (checked by a
+test of its own); a few cases also run as separate processes in tests/test_cli.py and
+test_fault_tolerance.py. Cases that need an existing run use the session's `default_run`
+(tests/conftest.py), registered as digits-mlp/1 @champion; `{run_id}` is its id.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from conftest import REPO, TrainedRun, compose_plan, run_in_process
 from mlflow.tracking import MlflowClient
 
 
-# (argv after `python -m pipeline.train`, exit code, text the single error line must contain)
+# (argv after `python -m pipeline.train` (or after `python -m`, when it names another entry point),
+#  exit code, text the single error line must contain)
 BAD_INPUTS = [
     (["architecture=transformer"], 2, "Could not find 'architecture/transformer'"),
     (["optimizer=lion"], 2, "Could not find 'optimizer/lion'"),
@@ -107,7 +110,17 @@ BAD_INPUTS = [
      "dataset.on_missing must be one of ('error', 'drop'). Received: 'guess'"),
     (["dataset=csv", "dataset.path=t.csv", "dataset.label=y", "dataset.test_fraction=0.6",
       "dataset.val_fraction=0.5"], 2, "dataset.test_fraction + val_fraction must be < 1"),
+    (["mlflow.registered_model_name=../../evil"], 2,
+     "mlflow.registered_model_name: MLflow refuses the name '../../evil'"),
+    (["mlflow.experiment_name="], 2, "mlflow.experiment_name must not be empty"),
+    # 28x28 images into the 8x8 digits model: one line naming both specs, not a traceback per batch.
+    (["pipeline.evaluate", "model=models:/digits-mlp@champion", "dataset=synthetic_mnist"], 2,
+     "model models:/digits-mlp@champion takes uint8 (-1, 8, 8, 1), but dataset synthetic_mnist gives "
+     "uint8 (-1, 28, 28, 1): evaluate it on data of its own input shape and dtype"),
+    (["pipeline.inspect", "model=runs:/{run_id}", "dataset=synthetic_mnist"], 2,
+     "model runs:/{run_id} takes uint8 (-1, 8, 8, 1), but dataset synthetic_mnist gives uint8 (-1, 28, 28, 1)"),
 ]
+ENTRY_POINTS = ("pipeline.train", "pipeline.evaluate", "pipeline.inspect")
 
 # The groups a user picks options from: conf/'s folders, but for hydra/ (Hydra's own launcher presets).
 CONFIG_GROUPS = sorted(p.name for p in (REPO / "conf").iterdir()
@@ -135,17 +148,33 @@ def workdir(tmp_path: Path, tfds_dir: str, monkeypatch: pytest.MonkeyPatch) -> P
     return tmp_path
 
 
+def placed(text: str, values: dict[str, str]) -> str:
+    """`text` with the table's placeholders ({tmp}, {run_id}) filled in."""
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
 @pytest.mark.parametrize(("argv", "exit_code", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
-def test_bad_input_is_one_line(argv, exit_code, message, workdir: Path, tfds_dir: str, capsys) -> None:
-    argv = [a.replace("{tmp}", str(workdir)) for a in argv]
-    if not any(a.startswith(("dataset.data_dir=", "resume=")) for a in argv):  # a resume takes no other keys
+def test_bad_input_is_one_line(argv, exit_code, message, workdir: Path, tfds_dir: str, capsys,
+                               request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    module, argv = (argv[0], argv[1:]) if argv[0] in ENTRY_POINTS else ("pipeline.train", argv)
+    values = {"{tmp}": str(workdir)}
+    if module != "pipeline.train":  # a model to evaluate or inspect: the session's registered run
+        default_run: TrainedRun = request.getfixturevalue("default_run")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", default_run.uri)
+        values["{run_id}"] = default_run.run.info.run_id
+        argv = [f"dataset.data_dir={tfds_dir}", "log_run=false" if module == "pipeline.evaluate" else
+                f"output_dir={workdir / 'inspect'}", *argv]
+    elif not any(a.startswith(("dataset.data_dir=", "resume=")) for a in argv):  # a resume takes no other keys
         # A table has no data_dir: only TFDS datasets and image folders' disk caches do.
         data_dir = [] if "dataset=csv" in argv else [f"dataset.data_dir={tfds_dir}"]
         argv = [*data_dir, "trainer.epochs=1", "trainer.verbose=0", *argv]
-    code, lines = run_cli(argv, capsys)
+    argv, message = [placed(a, values) for a in argv], placed(message, values)
+    code, lines = run_cli(argv, capsys, module)
     assert code == exit_code
     assert error_lines(lines) == [lines[-1]], lines
-    assert message.replace("{tmp}", str(workdir)) in lines[-1]
+    assert message in lines[-1]
 
 
 def test_the_table_covers_every_config_group() -> None:

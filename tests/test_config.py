@@ -41,14 +41,14 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
     validate(cfg)
     # The group holds the chosen option: every value its file sets (not its defaults list) is the composed
-    # value (an interpolation, e.g. ${dataset.name}, resolves in the whole config: it must be there), and an
-    # empty option (callbacks=none) composes to an empty group.
+    # value (an interpolation, e.g. ${dataset.name}, resolves in the whole config, and `???` is the user's to
+    # fill: they must be there), and an empty option (callbacks=none) composes to an empty group.
     composed = leaves(OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=True))
     own = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / group / f"{option}.yaml"))
     own.pop("defaults", None)
     assert own or composed == {"": {}}, f"{group}={option} sets nothing, yet composes to {composed}"
     for key, value in leaves(own).items():
-        if isinstance(value, str) and "${" in value:
+        if isinstance(value, str) and ("${" in value or value == "???"):
             assert key in composed, f"{group}={option}: {group}.{key} is missing"
         else:
             assert composed.get(key, "<absent>") == value, f"{group}.{key} is {composed.get(key)!r}, not {value!r}"

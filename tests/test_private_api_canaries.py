@@ -214,6 +214,26 @@ def batch_seed() -> None:
     np.testing.assert_array_equal(rotated[0], rotated[1])
 
 
+@canary(Private(
+    "`mlflow.utils.validation._validate_model_name` (mirrored)", "mlflow", "3.17.2", "pipeline/config.py",
+    "the config check refuses a registered model name before training, without importing MLflow (about a "
+    "second of start-up); `model_name_problem` mirrors MLflow's rules, which must still be the registry's"))
+def registered_model_name_rules() -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    from pipeline.config import model_name_problem
+
+    for name in ["digits-mlp", "my model v2", "a.b", "..", ".", "../../evil", "a/b", "a:b", "..hidden", "/abs",
+                 "", "  ", "ok..name", "x/.", "name.", "résumé"]:
+        try:
+            _validate_model_name(name)
+            refused = False
+        except MlflowException:
+            refused = True
+        assert refused == (model_name_problem(name) is not None), f"MLflow {'refuses' if refused else 'takes'} {name!r}"
+
+
 # -- Hydra --------------------------------------------------------------------------------
 
 @canary(Private(

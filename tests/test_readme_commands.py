@@ -299,6 +299,11 @@ ELSEWHERE = {
     "python -m pipeline.train debug=overfit": Elsewhere(
         "tests/test_sweeps.py::test_overfit_mode_drives_the_loss_to_zero", ('"debug=overfit"',),
         "that test also checks the loss reaches ~0"),
+    "python -m pipeline.evaluate model=models:/digits-mlp@champion dataset=synthetic_mnist": Elsewhere(
+        "tests/test_bad_input.py",
+        ('"pipeline.evaluate", "model=models:/digits-mlp@champion", "dataset=synthetic_mnist"',),
+        "preparing synthetic_mnist costs seconds: the bad-input table runs it in-process against the session's "
+        "registered digits-mlp"),
     "python -m pipeline.train dataset.inject_nan_at_step=50": Elsewhere(
         "tests/test_fault_tolerance.py::test_injected_nan_is_caught_at_its_step_and_never_applied",
         ('"dataset.inject_nan_at_step=50"',),
