@@ -33,7 +33,7 @@ class Spec:
         """Same dtype and rank, and no size that differs where both are known (a dataset of
         images of several sizes knows none: the model's own check sees each batch)."""
         return self.dtype == given.dtype and len(self.shape) == len(given.shape) and all(
-            size is None or other is None or size == other for size, other in zip(self.shape, given.shape))
+            size is None or other is None or size == other for size, other in zip(self.shape, given.shape, strict=True))
 
 
 # Input name -> spec; "" names the one input of a single-input model or dataset.

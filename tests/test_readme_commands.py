@@ -204,8 +204,12 @@ TINY_FOR = {
         (*TINY["pipeline.train"], "hydra.sweeper.n_trials=1"),
     "python -m pipeline.train hparams_search=optuna hydra.sweeper.n_trials=8 trainer.epochs=6":
         (*TINY["pipeline.train"], "hydra.sweeper.n_trials=1"),
-    # The pruner is not part of the study's name: this continues the one-trial study of
-    # the n_trials=20 line, so a second trial runs under hyperband.
+    # The sweeper's settings (n_trials, pruner, patience) are not part of the study's name: these
+    # continue the n_trials=20 line's one-trial study. The prose's bare search finds it complete
+    # at one trial and says so; hyperband runs a second trial, patience a third.
+    "python -m pipeline.train hparams_search=optuna": (*TINY["pipeline.train"], "hydra.sweeper.n_trials=1"),
+    "python -m pipeline.train hparams_search=optuna hydra.sweeper.n_trials=100 hydra.sweeper.patience=15":
+        (*TINY["pipeline.train"], "hydra.sweeper.n_trials=3"),
     "python -m pipeline.train hparams_search=optuna hydra.sweeper.pruner=hyperband":
         (*TINY["pipeline.train"], "hydra.sweeper.n_trials=2"),
     # The UI binds the README's default port 5000 otherwise, which another test may hold;
@@ -345,6 +349,12 @@ NOT_RUN = {
         "needs a debug=profile run's trace (tests/test_profile.py makes one and reads its profile/ "
         "artifact back); and it writes outside the test's directory",
     "tensorboard --logdir /tmp/trace/profile": "a server for a browser, from an optional extra",
+    "optuna-dashboard sqlite:///optuna.db": "a server for a browser, from an optional extra; "
+                                            "tests/test_optuna_search.py::test_optuna_dashboard_opens_the_study_the_"
+                                            "closing_block_names starts it on a study and reads it back",
+    # Lines of the SLURM batch script in docs/scale-out.md: a cluster's shared filesystem.
+    "source /shared/venv/bin/activate": "activates a virtual environment on a cluster's shared filesystem",
+    "cd /shared/tf-hydra-mlflow-pipeline": "a checkout on a cluster's shared filesystem",
     "python -m pipeline.train mlflow=server mlflow.tracking_uri=http://10.0.0.5:5000":
         "names a server on another machine",
     "export MLFLOW_TRACKING_URI=http://10.0.0.5:5000": "names a server on another machine",
@@ -352,8 +362,14 @@ NOT_RUN = {
     "hydra.launcher.gpus_per_node=1 architecture=mlp,resnet optimizer.lr=1e-3,1e-2":
         "needs a SLURM cluster (sbatch) and a shared server; the preset composes and builds its "
         "launcher in tests/test_scale_sweeps.py",
-    "python -m pipeline.train hparams_search=optuna hydra.sweeper.storage=postgresql://user@db/optuna":
+    "python -m pipeline.train hparams_search=optuna hydra.sweeper.storage=postgresql+psycopg2://user@db/optuna":
         "needs a PostgreSQL server at host db",
+    "python -m pipeline.train hparams_search=optuna hydra.sweeper.storage=journal:///shared/dir/study.log":
+        "a journal on a cluster's shared filesystem; tests/test_optuna_search.py runs searches on a journal file",
+    "python -m pipeline.train hparams_search=optuna mlflow=server hydra.sweeper.storage=journal:///shared/optuna/"
+    "digits.log hydra.sweeper.n_trials=64 dataset.data_dir=/shared/tensorflow_datasets "
+    "hydra.sweep.dir=/shared/outputs/digits-search/task-${SLURM_ARRAY_TASK_ID}":
+        "a SLURM array task's command, on a cluster's shared filesystem and tracking server",
     "python -m pipeline.train hparams_search=optuna hydra/launcher=joblib hydra.launcher.n_jobs=2 "
     "hydra.sweeper.n_jobs=2": "two joblib workers each start TensorFlow (~40 s of the 2 cores); the "
                               "joblib launcher under this sweeper is tests/test_optuna_search.py's "
