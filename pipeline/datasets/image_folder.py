@@ -43,10 +43,14 @@ NAMED_BAD_FILES = 5
 DISK_CACHE_FORMAT = 1
 DECODE_BATCH = 256
 
+# For the functions handed to tf.data: none branches on a tensor, so AutoGraph would only
+# rewrite (or fail to parse) their source.
+graph_as_written = tf.autograph.experimental.do_not_convert
+
 
 @dataclass(frozen=True)
 class ImageFile:
-    path: Path  # absolute
+    path: str  # absolute
     relative: str  # to the dataset's folder, with "/" separators: names it in messages and in the digest
     label: int
 
@@ -135,21 +139,23 @@ class ImageFolder:
             split_folders = {SPLIT_FOLDERS[p.name]: p for p in subfolders}
         else:
             split_folders = {"": self.path}
-        found: dict[str, list[tuple[Path, str, str]]] = {}  # split -> (path, relative, class)
+        found: dict[str, list[tuple[str, str, str]]] = {}  # split -> (path, relative, class)
         ignored_count, ignored_example = 0, ""
+        root = str(self.path)
         for split, folder in split_folders.items():
             for class_folder in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                for root, dirs, names in os.walk(class_folder, followlinks=True):
+                # Strings, not Path objects: a folder of 100k photos is listed in a blink.
+                for directory, dirs, names in os.walk(class_folder, followlinks=True):
                     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                    prefix = os.path.relpath(directory, root).replace(os.sep, "/") + "/"
                     for file_name in sorted(names):
                         if file_name.startswith("."):
                             continue
-                        path = Path(root, file_name)
-                        relative = path.relative_to(self.path).as_posix()
-                        if images.is_image(path):
-                            found.setdefault(split, []).append((path, relative, class_folder.name))
+                        if os.path.splitext(file_name)[1].lower() in images.IMAGE_EXTENSIONS:
+                            found.setdefault(split, []).append((os.path.join(directory, file_name),
+                                                                prefix + file_name, class_folder.name))
                         else:
-                            ignored_count, ignored_example = ignored_count + 1, ignored_example or relative
+                            ignored_count, ignored_example = ignored_count + 1, ignored_example or prefix + file_name
         train_split = "train" if "train" in split_folders else ""
         class_names = examples.class_order({c for _, _, c in found.get(train_split, [])})
         if len(class_names) < 2:
@@ -206,41 +212,48 @@ class ImageFolder:
     # -- decoding ----------------------------------------------------------------------
     def _decoded(self, role_files: Sequence[ImageFile], size: tuple[int, int]) -> tf.data.Dataset:
         """(index, image, label) of each file that decodes, in order; the others are left out."""
-        paths = [str(f.path) for f in role_files]
+        paths = [f.path for f in role_files]
         labels = np.array([f.label for f in role_files], dtype=np.int64)
         ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths, labels))
         channels = self.channels
-        return ds.map(lambda index, path, label: (index, images.load(path, size, channels), label),
+        return ds.map(graph_as_written(lambda index, path, label: (index, images.load(path, size, channels), label)),
                       num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
 
     def _decode(self, files: dict[str, list[ImageFile]], size: tuple[int, int],
                 keep_images: bool) -> tuple[dict[str, tf.data.Dataset] | None, dict[str, set[int]]]:
-        """Decode every file once: the decoded examples of each role (if `keep_images`)
-        and the indices of the files that decoded."""
-        decoded: dict[str, tf.data.Dataset] = {}
-        kept: dict[str, set[int]] = {}
-        for role, role_files in files.items():
-            indices, image_batches, label_batches = [], [], []
-            ds = self._decoded(role_files, size)
-            if not keep_images:
-                ds = ds.map(lambda index, image, label: (index, tf.zeros([0], tf.uint8), label))
-            for index, image, label in ds.batch(DECODE_BATCH).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-                indices.append(index)
-                image_batches.append(image)
-                label_batches.append(label)
-            kept[role] = set(np.concatenate(indices).tolist()) if indices else set()
-            if keep_images and indices:
-                decoded[role] = tf.data.Dataset.from_tensor_slices((np.concatenate(image_batches),
-                                                                    np.concatenate(label_batches)))
+        """Decode every file once, every split in one parallel pass: the decoded examples
+        of each role (if `keep_images`) and the indices (in its role) of the files that
+        decoded."""
+        roles = list(files)
+        everything = [f for role in roles for f in files[role]]
+        starts = np.cumsum([0] + [len(files[role]) for role in roles])  # role r: indices starts[r]:starts[r + 1]
+        ds = self._decoded(everything, size)
+        if not keep_images:
+            ds = ds.map(graph_as_written(lambda index, image, label: (index, tf.zeros([0], tf.uint8), label)))
+        indices, image_batches, label_batches = [], [], []
+        for index, image, label in ds.batch(DECODE_BATCH).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+            indices.append(index)
+            image_batches.append(image)
+            label_batches.append(label)
+        indices = np.concatenate(indices) if indices else np.zeros([0], np.int64)
+        if keep_images and len(indices):
+            all_images, all_labels = np.concatenate(image_batches), np.concatenate(label_batches)
+        kept, decoded = {}, {}
+        for number, role in enumerate(roles):
+            mine = (indices >= starts[number]) & (indices < starts[number + 1])
+            kept[role] = set((indices[mine] - starts[number]).tolist())
+            if keep_images and mine.any():
+                decoded[role] = tf.data.Dataset.from_tensor_slices((all_images[mine], all_labels[mine]))
         return (decoded if keep_images else None), kept
 
     def _streamed(self, role_files: Sequence[ImageFile], size: tuple[int, int]) -> tf.data.Dataset:
         """The files, decoded as they are read (`cache=none`): only readable ones are passed."""
-        paths = [str(f.path) for f in role_files]
+        paths = [f.path for f in role_files]
         labels = np.array([f.label for f in role_files], dtype=np.int64)
         channels = self.channels
         return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
-            lambda path, label: (images.load(path, size, channels), label), num_parallel_calls=tf.data.AUTOTUNE)
+            graph_as_written(lambda path, label: (images.load(path, size, channels), label)),
+            num_parallel_calls=tf.data.AUTOTUNE)
 
     def _read_disk_cache(self, files: dict[str, list[ImageFile]], size: tuple[int, int],
                          digest: str) -> tuple[dict[str, tf.data.Dataset] | None, dict[str, set[int]]]:
@@ -258,7 +271,8 @@ class ImageFolder:
                 kept = {}
                 for role, role_files in files.items():
                     self._decoded(role_files, size).save(str(staging / role))
-                    indices = tf.data.Dataset.load(str(staging / role)).map(lambda index, image, label: index)
+                    indices = tf.data.Dataset.load(str(staging / role)).map(
+                        graph_as_written(lambda index, image, label: index))
                     kept[role] = sorted(int(i) for batch in indices.batch(4096).as_numpy_iterator() for i in batch)
                 if self.on_bad_file == "error" and any(len(kept[role]) < len(files[role]) for role in files):
                     shutil.rmtree(staging, ignore_errors=True)  # read() names the files: no cache of a folder to fix
@@ -275,18 +289,18 @@ class ImageFolder:
         else:
             log.info("dataset %s: reading decoded images from %s", self.name, directory)
         kept = {role: set(indices) for role, indices in json.loads(manifest.read_text())["kept"].items()}
-        decoded = {role: tf.data.Dataset.load(str(directory / role)).map(lambda index, image, label: (image, label))
-                   for role in files}
+        decoded = {role: tf.data.Dataset.load(str(directory / role)).map(
+            graph_as_written(lambda index, image, label: (image, label))) for role in files}
         return decoded, kept
 
 
-def digest_of(files: Mapping[str, Path]) -> str:
+def digest_of(files: Mapping[str, str]) -> str:
     """sha256 over each file's relative path, size and modification time (`files`:
     relative path -> path): a changed, added or removed file changes it, a folder moved
     elsewhere does not, and no contents are read."""
     lines = []
     for relative, path in sorted(files.items()):
-        stat = path.stat()
+        stat = os.stat(path)
         lines.append(f"{relative}\t{stat.st_size}\t{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
