@@ -30,6 +30,7 @@ import ast
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -40,12 +41,13 @@ import pytest
 from conftest import REPO, new_mlflow_store, run_in_process, run_module
 from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, stop_process_group, wait_until_answers
+from own_data import make_image_folder, write_table
 
 README = REPO / "README.md"
 # The pages whose commands are checked: the README first, then docs/ in name order.
 DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console"}
-ENTRY_POINTS = ("pipeline.train", "pipeline.evaluate", "pipeline.inspect")
+ENTRY_POINTS = ("pipeline.train", "pipeline.evaluate", "pipeline.inspect", "pipeline.predict")
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ TINY = {
     "pipeline.train": ("debug=smoke", "trainer.epochs=1", "dataset.data_dir={tfds}"),
     "pipeline.evaluate": ("dataset.data_dir={tfds}",),
     "pipeline.inspect": ("dataset.data_dir={tfds}",),
+    "pipeline.predict": (),
 }
 
 
@@ -212,6 +215,12 @@ TINY_FOR = {
         (*TINY["pipeline.train"], "hydra.sweeper.n_trials=3"),
     "python -m pipeline.train hparams_search=optuna hydra.sweeper.pruner=hyperband":
         (*TINY["pipeline.train"], "hydra.sweeper.n_trials=2"),
+    # Your own data (`own_data_files` makes photos/ and wine.csv): one epoch, and the model
+    # registered, for the pipeline.predict commands after them. A table has no data_dir.
+    "python -m pipeline.train dataset=image_folder dataset.path=photos 'dataset.image_size=[64,64]' "
+    "architecture=resnet augment=flip_crop": ("trainer.epochs=1",),
+    "python -m pipeline.train dataset=csv dataset.path=wine.csv dataset.label=species 'dataset.drop=[id]'":
+        ("trainer.epochs=1",),
     # The UI binds the README's default port 5000 otherwise, which another test may hold;
     # its default 4 workers cost 4 start-ups of the 2 cores for one request.
     "mlflow ui --backend-store-uri sqlite:///mlflow.db": ("--port", "{port}", "--workers", "1"),
@@ -385,6 +394,11 @@ NOT_RUN = {
     "python -m pipeline.cluster --workers N -- OVERRIDES...": "a synopsis",
     "python -m pipeline.evaluate model=...": "a synopsis",
     "python -m pipeline.train architecture=NAME": "a synopsis (every family: tests/test_architecture_runs.py)",
+    "python -m pipeline.train dataset=tfds dataset.name=tf_flowers 'dataset.image_size=[128,128]'":
+        "needs tf_flowers prepared, which needs network; dataset=tfds on a prepared dataset is "
+        "tests/test_own_data.py::test_any_prepared_tfds_dataset_by_name",
+    "python -m pipeline.train experiment=cifar10_resnet": "needs CIFAR-10 prepared, which needs network; the "
+                                                           "recipe runs on digits in tests/test_sweeps.py",
 }
 
 
@@ -482,11 +496,26 @@ def quick_start(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory, empty_m
     return QuickStart(directory, result, match.group(1))
 
 
+def own_data_files(directory: Path) -> None:
+    """What the own-data commands read, in the quick start's directory: photos/ (three
+    classes of mixed formats), wine.csv, and new files to predict (new_photos/, new_wines.csv)."""
+    if (directory / "photos").exists():
+        return
+    make_image_folder(directory / "photos", per_class=20, bad_file=False)
+    (directory / "new_photos").mkdir()
+    for path in sorted((directory / "photos").rglob("*.png"))[::6]:
+        shutil.copy(path, directory / "new_photos" / f"{path.parent.name}_{path.name}")
+    wine = write_table(directory / "wine.csv", missing_cell=False)
+    (directory / "new_wines.csv").write_text("\n".join(line.rsplit(",", 1)[0]
+                                                       for line in wine.read_text().splitlines()[:30]) + "\n")
+
+
 @pytest.fixture
 def in_quick_start_dir(quick_start: QuickStart, monkeypatch: pytest.MonkeyPatch) -> QuickStart:
     """The quick start's directory as the working directory, its ./mlflow.db the store."""
     import mlflow
 
+    own_data_files(quick_start.directory)
     monkeypatch.chdir(quick_start.directory)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(sys, "argv", sys.argv)
@@ -564,6 +593,11 @@ def check_output(command: Command, output: str, here: QuickStart) -> None:
         assert "architecture:" in output and "optimizer:" in output
     elif "--help" in command.text:
         assert "python -m pipeline.train [group=option] [key=value]" in output
+    elif command.entry_point == "pipeline.predict":
+        match = re.search(r"^(\d+) predictions by \S+ written to (\S+)$", output, re.M)
+        assert match and int(match.group(1)) > 0, output[-3000:]
+        header = Path(match.group(2)).read_text().splitlines()[0]
+        assert header.startswith("input,prediction,probability,"), header
     elif command.text.startswith("mlflow artifacts download"):
         assert '"inputs"' in (here.directory / "serving_input_example.json").read_text()
 
