@@ -139,9 +139,10 @@ def main() -> None:
                 results[arm].append(result)
                 print(f"  round {index + 1} {arm}: {result['seconds']:.0f} s, best val accuracy {result['best']:.4f}, "
                       f"{result['pruned']} of {args.trials} pruned; load {os.getloadavg()[0]:.1f}", flush=True)
-    rounds = range(args.rounds)
-    vs_tuner = statistics.median(results["unpruned"][i]["seconds"] / results["keras-tuner"][i]["seconds"] for i in rounds)
-    pruned = statistics.median(results["pruned"][i]["seconds"] / results["unpruned"][i]["seconds"] for i in rounds)
+    def ratio(candidate: str, baseline: str) -> float:
+        return statistics.median(c["seconds"] / b["seconds"] for c, b in zip(results[candidate], results[baseline]))
+
+    vs_tuner, pruned = ratio("unpruned", "keras-tuner"), ratio("pruned", "unpruned")
     best = {arm: max(r["best"] for r in results[arm]) for arm in ARMS}
     line = (f"search {args.trials}x{args.epochs}: pipeline/keras-tuner wall {vs_tuner:.2f} (unpruned), "
             f"pruned/unpruned wall {pruned:.2f}, best val accuracy "

@@ -175,7 +175,7 @@ def independent_workers(tmp_path: Path, tfds_dir: str, storage: str, workers: in
     """`workers` copies of one search command started at once, each in a directory of
     its own (as on machines of their own), sharing only the Optuna storage and the MLflow
     store; their outputs once all have ended."""
-    command = [sys.executable, "-m", "pipeline.train", "hparams_search=optuna", *TINY, "mlflow.log_model=false",
+    command = [sys.executable, "-m", "pipeline.train", "hparams_search=optuna", *SWEEP_JOB, "mlflow.log_model=false",
                f"dataset.data_dir={tfds_dir}", f"hydra.sweeper.storage={storage}",
                f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.pruner=none",
                # A worker with no trial left to ask polls for the others' end every second, not 5.
@@ -241,7 +241,7 @@ def test_an_optuna_search_runs_its_trials_through_another_launcher(launcher: str
                                                                    tmp_path: Path) -> None:
     # Trials in processes the launcher starts, two at a time, reporting their epochs to the
     # study (what pruning reads) through the storage.
-    result = run_module("pipeline.train", "hparams_search=optuna", f"hydra/launcher={launcher}", *TINY,
+    result = run_module("pipeline.train", "hparams_search=optuna", f"hydra/launcher={launcher}", *SWEEP_JOB,
                         "mlflow.log_model=false", "hydra.sweeper.n_trials=4",
                         "hydra.sweeper.n_jobs=2", f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
                         env={"RAY_USAGE_STATS_ENABLED": "0"})

@@ -149,11 +149,12 @@ class OptunaSweeper(Sweeper):
             if children is not None and state is not None:
                 children.tag(trial.number, state)
         trials = study.get_trials(deepcopy=False)
-        n_trials, metric, direction = int(self.spec.settings["n_trials"]), self.spec.optimized_metric, self.spec.direction
+        spec, n_trials = self.spec, int(self.spec.settings["n_trials"])
         for trial in batch:
-            print(trial_line(study._storage.get_trial(trial._trial_id), trials, n_trials, metric, direction), flush=True)
+            told = study._storage.get_trial(trial._trial_id)
+            print(trial_line(told, trials, n_trials, spec.optimized_metric, spec.direction), flush=True)
         if children is not None:
-            best = best_of(trials, direction)
+            best = best_of(trials, spec.direction)
             children.log_progress(sum(counts_toward_n_trials(t) for t in trials), best.value if best else None)
         return list(returns)
 

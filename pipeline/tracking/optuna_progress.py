@@ -1,7 +1,7 @@
 """A search you can watch, and one that stops when it stops improving.
 
-    [8/24] trial 7 COMPLETE final_val_accuracy 0.9722 (best 0.9792, trial 3) optimizer.lr=0.00123 architecture.dropout=0.412 6.1 s
-    [9/24] trial 8 PRUNED at epoch 3 val_accuracy 0.8611 (best 0.9792, trial 3) optimizer.lr=0.000112 architecture.dropout=0.33 2.4 s
+    [8/24] trial 7 COMPLETE final_val_accuracy 0.9722 (best 0.9792, trial 3) optimizer.lr=0.00123 ... 6.1 s
+    [9/24] trial 8 PRUNED at epoch 3 val_accuracy 0.8611 (best 0.9792, trial 3) optimizer.lr=0.000112 ... 2.4 s
 
 `trial_line` is what the sweeper (`hydra_plugins/pipeline_optuna_sweeper`) prints as
 each trial is told, from what the study's storage holds, so a line names the best of

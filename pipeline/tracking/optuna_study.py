@@ -30,8 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import extras
 from pipeline.errors import ConfigError, one_line
-from pipeline.tracking.optuna_trial import (JOURNAL_SCHEME, PRUNERS, OptunaTrial, journal_path, monitored_metric,
-                                            storage_for)
+from pipeline.tracking.optuna_trial import (
+    JOURNAL_SCHEME,
+    PRUNERS,
+    OptunaTrial,
+    journal_path,
+    monitored_metric,
+    storage_for,
+)
 
 log = logging.getLogger(__name__)
 

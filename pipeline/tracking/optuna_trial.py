@@ -98,8 +98,8 @@ def _storage(url: str, heartbeat_interval: int | None = None, grace_period: int 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     if heartbeat_interval is None:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    callback = ({"heartbeat_stale_trial_callback": retry} if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-                else {"failed_trial_callback": retry})
+    new_name = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # Optuna >= 4.9
+    callback = {"heartbeat_stale_trial_callback" if new_name else "failed_trial_callback": retry}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
