@@ -139,6 +139,7 @@ def main() -> None:
                 results[arm].append(result)
                 print(f"  round {index + 1} {arm}: {result['seconds']:.0f} s, best val accuracy {result['best']:.4f}, "
                       f"{result['pruned']} of {args.trials} pruned; load {os.getloadavg()[0]:.1f}", flush=True)
+
     def ratio(candidate: str, baseline: str) -> float:
         return statistics.median(c["seconds"] / b["seconds"] for c, b in zip(results[candidate], results[baseline]))
 
