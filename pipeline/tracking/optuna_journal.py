@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from optuna.storages import JournalStorage
-from optuna.storages._heartbeat import BaseHeartbeat  # canary: tests/test_optuna_search.py opens a study with it
+from optuna.storages._heartbeat import BaseHeartbeat  # private: canary in tests/test_private_api_canaries.py
 from optuna.trial import TrialState
 
 HEARTBEAT_ATTR = "pipeline.heartbeat"  # trial system attribute: time.time() of the last heartbeat
