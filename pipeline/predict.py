@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,7 @@ def predict(cfg: DictConfig, output_dir: Path | None = None) -> Path:
 
     mlflow.set_tracking_uri(store_uri.tracking_uri_exporting_credentials(cfg.mlflow.tracking_uri))
     try:
-        model = mlflow.pyfunc.load_model(cfg.model)
+        model = mlflow.pyfunc.load_model(model_uri(cfg.model))
     except Exception as error:  # unknown name/alias/run, unreadable artifacts, bad URI
         raise PipelineError(f"model: cannot load {cfg.model!r}: {one_line(error)}") from None
     schema = model.metadata.get_input_schema()
@@ -119,6 +120,14 @@ def predict(cfg: DictConfig, output_dir: Path | None = None) -> Path:
     skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
     print(f"{len(result.inputs)} predictions{skipped} by {cfg.model} written to {path.absolute()}", flush=True)
     return path
+
+
+def model_uri(uri: str) -> str:
+    """`uri` as MLflow loads it: `runs:/RUN_ID` alone means the model the run logged
+    (`runs:/RUN_ID/model`, the name the pipeline logs it under)."""
+    if re.fullmatch(r"runs:/[0-9a-f]{32}/?", uri.strip()):
+        return uri.strip().rstrip("/") + "/model"
+    return uri
 
 
 def _predict_images(model, spec, inputs: Path, cfg: DictConfig) -> Predictions:

@@ -32,6 +32,7 @@ from pipeline.datasets import tfds_dataset
 from pipeline.datasets.csv_table import CsvTable
 from pipeline.datasets.image_folder import ImageFolder
 from pipeline.errors import ConfigError, DatasetError
+from pipeline.evaluate import evaluate
 from pipeline.train import build_model, train
 
 CLASSES = tuple(sorted(DIGIT_CLASSES))  # ("one", "seven", "zero"): folder names, in output order
@@ -339,9 +340,15 @@ def test_a_spreadsheet_trains_registers_reloads_and_predicts(mlflow_store: str, 
     assert reloaded["accuracy"] > 0.8, "a DataFrame of the CSV's raw columns, in a process without this project"
     assert "batch" in reloaded["inputs"] and "id" not in reloaded["inputs"]
 
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("wine").experiment_id])
+    scored = evaluate(compose_config(["model=models:/wine-mlp@champion", *overrides[:5], "log_run=false"],
+                                     config_name="evaluate"))
+    assert scored["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6), "the same test rows"
+
     new = tmp_path / "new_wines.csv"
     new.write_text("\n".join(line for number, line in enumerate(path.read_text().splitlines()) if number != 1) + "\n")
-    rows = predictions(predict.predict(compose_config(["model=models:/wine-mlp@champion", f"inputs={new}",
+    rows = predictions(predict.predict(compose_config([f"model=runs:/{run.info.run_id}", f"inputs={new}",
                                                        f"output={tmp_path / 'out.csv'}"], config_name="predict")))
     truth = [line.rsplit(",", 1)[1] for line in new.read_text().splitlines()[1:]]
     assert [row["input"] for row in rows[:2]] == ["new_wines.csv:2", "new_wines.csv:3"]

@@ -15,6 +15,7 @@ naming them, `skip` trains on the rest.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -97,13 +98,16 @@ class ImageFolder:
             log.info("dataset %s: ignored %d file%s without an image extension (%s), e.g. %s", self.name,
                      ignored[0], "" if ignored[0] == 1 else "s", ", ".join(sorted(images.IMAGE_EXTENSIONS)),
                      ignored[1])
-        digest = digest_of({f.relative: f.path for role_files in files.values() for f in role_files})
         size = self.image_size or self.common_size(files)
-        if cache == "disk":  # the cache holds every split, whichever this caller reads
-            decoded, kept = self._read_disk_cache(files, size, digest)
-        else:
-            files = {role: role_files for role, role_files in files.items() if role in roles}
-            decoded, kept = self._decode(files, size, keep_images=cache == "memory")
+        # The digest stats every file: on a thread, beside the decoding (the disk cache's key needs it first).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            digest = pool.submit(digest_of, {f.relative: f.path for role_files in files.values() for f in role_files})
+            if cache == "disk":  # the cache holds every split, whichever this caller reads
+                decoded, kept = self._read_disk_cache(files, size, digest.result())
+            else:
+                files = {role: role_files for role, role_files in files.items() if role in roles}
+                decoded, kept = self._decode(files, size, keep_images=cache == "memory")
+            digest = digest.result()
         files = {role: role_files for role, role_files in files.items() if role in roles}
         skipped = tuple(sorted(f.relative for role, role_files in files.items()
                                for index, f in enumerate(role_files) if index not in kept[role]))
