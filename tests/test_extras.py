@@ -61,7 +61,7 @@ def test_every_extra_is_installed_by_dev() -> None:
 
 # Import names whose distribution is named differently in pyproject.toml.
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "tensorflow_datasets": "tensorflow-datasets", "yaml": "pyyaml",
-                 "psycopg2": "psycopg2-binary", "hydra": "hydra-core"}
+                 "psycopg2": "psycopg2-binary", "hydra": "hydra-core", "PIL": "pillow"}
 
 
 def test_what_the_code_imports_is_declared() -> None:
