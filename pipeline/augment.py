@@ -14,6 +14,7 @@ Images keep their raw dtype (uint8): the model rescales them as it does at servi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import keras
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError, one_line
 
-FILL_MODES = ("reflect", "constant", "nearest", "wrap")
+FILL_MODES = ("nearest", "reflect", "constant", "wrap")
 
 
 def from_config(cfg: DictConfig | None):
@@ -35,8 +36,8 @@ def from_config(cfg: DictConfig | None):
         return hydra.utils.instantiate(OmegaConf.to_container(cfg, resolve=True), _convert_="all")
     except Exception as error:  # Hydra wraps what the augmentation, or a Keras layer, refused
         cause = error.__cause__ or error
-        if isinstance(cause, ValueError) and type(cause).__module__ == "builtins":
-            raise ConfigError(f"augment.{cause}") from None  # ours say "<key> must ... Received: ..."
+        if isinstance(cause, ValueError) and re.match(r"[a-z_]+( must |: )", str(cause)):
+            raise ConfigError(f"augment.{cause}") from None  # ours name the key: "pad must be >= 0. Received: -1"
         raise ConfigError(f"augment: {type(cause).__name__}: {one_line(cause)}") from None
 
 
@@ -92,12 +93,12 @@ class Light(_Images):
         rotation: the largest rotation, in degrees, either way.
         zoom: the largest zoom, as a fraction, in or out.
         translation: the largest shift, as a fraction of the height and the width, either way.
-        fill: how pixels from outside the image are filled: reflect, constant (zeros),
-            nearest or wrap.
+        fill: how pixels from outside the image are filled: nearest (the border's own
+            colour, the background of a digit or a page), reflect, constant (zeros) or wrap.
     """
 
     def __init__(self, rotation: float = 10.0, zoom: float = 0.1, translation: float = 0.1,
-                 fill: str = "reflect") -> None:
+                 fill: str = "nearest") -> None:
         limits = (("rotation", rotation, 180.0), ("zoom", zoom, 0.99), ("translation", translation, 1.0))
         for name, value, top in limits:
             if not 0 <= value <= top:

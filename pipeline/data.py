@@ -94,8 +94,9 @@ def command_overrides(cfg: DictConfig) -> list[str]:
         option = [f"dataset={name}"] if preset.is_file() and OmegaConf.load(str(preset)).get("name") == name else \
             ["dataset=tfds", f"dataset.name={name}"]
         skip = {"name", "prepare"}
-    else:
-        option, skip = [f"dataset={OPTIONS.get(kind.__name__, kind.__name__)}"], {"name"}
+    else:  # a name the kind derives from its path goes without saying
+        option = [f"dataset={OPTIONS.get(kind.__name__, kind.__name__)}"]
+        skip = {"name"} if kind(**{**arguments, "name": None}).name == name else set()
     if option == ["dataset=digits"]:
         option = []  # the default
     defaults = {key: parameter.default for key, parameter in inspect.signature(kind).parameters.items()}
@@ -283,14 +284,14 @@ def split(cfg: DictConfig, expression: str, *, autocache: bool = True) -> tuple[
     source = reader(cfg)
     if hasattr(source, "split"):  # TFDS: any split expression
         return source.split(expression, autocache=autocache)[0], None
-    roles = {"validation": "val"}.get(expression, expression)
-    if roles not in ("train", "val", "test"):
+    role = {"validation": "val"}.get(expression, expression)
+    if role not in ("train", "val", "test"):
         raise DatasetError(f"split: dataset {cfg.get('name')!r} has the splits train, val and test. "
                            f"Received: {expression!r}")
-    examples = source.read("none" if cache_mode(cfg.cache) == "none" else "memory", roles=(roles,))
-    if roles not in examples.roles:
-        raise DatasetError(f"split: dataset {cfg.get('name')!r} has no {roles} split (its val_fraction is 0)")
-    return examples.roles[roles], examples
+    examples = source.read(cache_mode(cfg.cache), roles=(role,))
+    if role not in examples.roles:
+        raise DatasetError(f"split: dataset {cfg.get('name')!r} has no {role} split (its val_fraction is 0)")
+    return examples.roles[role], examples
 
 
 def batched(ds: tf.data.Dataset, batch_size: int, cache: bool) -> tf.data.Dataset:

@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -42,16 +42,18 @@ NAMED = 5
 
 @dataclass
 class PredictMlflowConfig:
-    tracking_uri: Any = None
+    tracking_uri: Optional[str] = MISSING
 
 
 @dataclass
 class PredictConfig:
+    """Keys and types of `conf/predict.yaml` (values and their reasons live there)."""
+
     model: str = MISSING
     inputs: str = MISSING
-    output: Any = None
-    on_bad_file: str = "error"
-    batch_size: int = 64
+    output: Optional[str] = MISSING
+    on_bad_file: str = MISSING
+    batch_size: int = MISSING
     mlflow: PredictMlflowConfig = field(default_factory=PredictMlflowConfig)
 
 
@@ -153,11 +155,14 @@ def _predict_images(model, spec, inputs: Path, cfg: DictConfig) -> Predictions:
     ds = ds.map(lambda index, path: (index, images.load(path, size, channels)),
                 num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     kept, probabilities = [], []
-    for index, batch in ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-        kept.extend(index.tolist())
-        probabilities.append(np.asarray(model.predict(batch.astype(dtype)), dtype=np.float64))
-    skipped = [name for index, name in enumerate(names) if index not in set(kept)]
-    _check_skipped(skipped, len(names), cfg.on_bad_file, "image files cannot be decoded")
+    with quiet.image_decoding():  # a bad file is named below, in one line
+        for index, batch in ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+            kept.extend(index.tolist())
+            probabilities.append(np.asarray(model.predict(batch.astype(dtype)), dtype=np.float64))
+    decoded = set(kept)
+    skipped = [name for index, name in enumerate(names) if index not in decoded]
+    _check_skipped(skipped, len(names), cfg.on_bad_file,
+                   f"{len(skipped)} of {len(names)} image files cannot be decoded")
     return Predictions([names[index] for index in kept], _stacked(probabilities), _class_names(model), skipped)
 
 
@@ -172,8 +177,9 @@ def _predict_table(model, schema, inputs: Path, cfg: DictConfig) -> Predictions:
     kinds = {spec.name: "string" if spec.type.name in ("string", "binary") else "float32" for spec in schema.inputs}
     values, bad = parse(frame, kinds, label=None)
     bad_lines = sorted({cell.line for cell in bad})
-    described = [str(cell) for cell in bad]
-    _check_skipped(described, len(frame), cfg.on_bad_file, "cells are missing or not numbers", rows=len(bad_lines))
+    _check_skipped([f"{inputs.name}:{line}" for line in bad_lines], len(frame), cfg.on_bad_file,
+                   f"{len(bad_lines)} of {len(frame)} rows have a missing or unparsable cell, "
+                   f"first {inputs.name} {bad[0]}" if bad else "")
     keep = ~np.isin(np.arange(len(frame)) + 2, bad_lines)
     table = pd.DataFrame({name: values[name][keep] for name in kinds})
     probabilities = [np.asarray(model.predict(table.iloc[start:start + cfg.batch_size]), dtype=np.float64)
@@ -183,15 +189,14 @@ def _predict_table(model, schema, inputs: Path, cfg: DictConfig) -> Predictions:
                        [f"{inputs.name}:{line}" for line in bad_lines])
 
 
-def _check_skipped(skipped: list[str], total: int, on_bad_file: str, what: str, rows: int | None = None) -> None:
-    if not skipped:
+def _check_skipped(bad: list[str], total: int, on_bad_file: str, what: str) -> None:
+    """Stop on `bad` inputs (files, or a table's cells) naming them, or warn and go on."""
+    if not bad:
         return
-    named = "; ".join(skipped[:NAMED]) + ("; ..." if len(skipped) > NAMED else "")
+    named = "; ".join(bad[:NAMED]) + ("; ..." if len(bad) > NAMED else "")
     if on_bad_file == "error":
-        raise DatasetError(f"inputs: {len(skipped)} of {total if rows is None else 'the'} {what} ({named}); fix them, "
-                           "or set on_bad_file=skip to predict the rest")
-    log.warning("skipped %d %s: %s", len(skipped) if rows is None else rows,
-                what if rows is None else "rows with missing or unparsable cells", named)
+        raise DatasetError(f"inputs: {what} ({named}); fix them, or set on_bad_file=skip to predict the rest")
+    log.warning("skipped %d of %d inputs: %s (%s)", len(bad), total, what, named)
 
 
 def _stacked(batches: list) -> np.ndarray:

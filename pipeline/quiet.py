@@ -53,6 +53,14 @@ CUDA_PROBING = re.compile(
 # the level TF_CPP_MIN_LOG_LEVEL >= 1 asks to hide, which these lines escape by coming
 # before absl has read it (e.g. "oneDNN custom operations are on").
 GLOG_LINE = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.-]+:\d+\] ")
+# What libjpeg and libpng print straight to stderr about a file they cannot decode (or
+# decode with a complaint): the pipeline names such files itself, in one line
+# (`pipeline.datasets.image_folder`, `pipeline.predict`).
+IMAGE_DECODERS = re.compile(
+    rb"^(?:Premature end of JPEG file|Corrupt JPEG data|Input file read error|Not a JPEG file"
+    rb"|Improper call to JPEG library|Bogus (?:marker|DQT|DHT|Huffman)|Unsupported marker|Invalid JPEG"
+    rb"|libpng (?:warning|error))"
+)
 # Printed before the first C++ log line of each library: said only before a C++ line that is kept.
 ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
@@ -140,8 +148,14 @@ def _min_log_level() -> int:
         return 0
 
 
+def image_decoding() -> contextlib.AbstractContextManager[None]:
+    """A block that decodes the user's image files: without what the decoders print about
+    a bad file (the pipeline names it in one line), and without TensorFlow's probing."""
+    return filtered_stderr(drop_info=_min_log_level() >= 1, drop_decoders=True)
+
+
 @contextlib.contextmanager
-def filtered_stderr(*, drop_info: bool) -> Iterator[None]:
+def filtered_stderr(*, drop_info: bool, drop_decoders: bool = False) -> Iterator[None]:
     """Inside the block, file descriptor 2 (C++, Python, child processes) writes into a
     pipe read by a filter process (this file run as a script), which forwards to the
     real stderr every line that `dropped` keeps. fd 2 is restored on the way out, an
@@ -152,10 +166,11 @@ def filtered_stderr(*, drop_info: bool) -> Iterator[None]:
 
     Args:
         drop_info: also drop glog INFO lines (for TF_CPP_MIN_LOG_LEVEL >= 1).
+        drop_decoders: also drop what libjpeg and libpng say about the files they decode.
     """
     if sys.stderr is not None:
         sys.stderr.flush()
-    filter_process, real_stderr = _start_filter(drop_info)
+    filter_process, real_stderr = _start_filter(drop_info, drop_decoders)
     if filter_process is None:  # filtering is a nicety, never a failure
         yield
         return
@@ -174,7 +189,7 @@ def filtered_stderr(*, drop_info: bool) -> Iterator[None]:
             filter_process.wait(timeout=10)
 
 
-def _start_filter(drop_info: bool) -> tuple[subprocess.Popen | None, int]:
+def _start_filter(drop_info: bool, drop_decoders: bool = False) -> tuple[subprocess.Popen | None, int]:
     """The filter process, writing to a duplicate of fd 2 (also returned); (None, -1)
     when fd 2 is closed or no interpreter can start."""
     if not sys.executable:  # an embedded interpreter: nothing to start the filter with
@@ -183,7 +198,8 @@ def _start_filter(drop_info: bool) -> tuple[subprocess.Popen | None, int]:
         real_stderr = os.dup(2)
     except OSError:
         return None, -1
-    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), *(["--drop-info"] if drop_info else [])]
+    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), *(["--drop-info"] if drop_info else []),
+               *(["--drop-decoders"] if drop_decoders else [])]
     try:
         return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=real_stderr, stderr=real_stderr), real_stderr
     except OSError:
@@ -191,12 +207,14 @@ def _start_filter(drop_info: bool) -> tuple[subprocess.Popen | None, int]:
         return None, -1
 
 
-def dropped(line: bytes, *, drop_info: bool) -> bool:
-    """Whether `line` is TensorFlow's CUDA probing (or, with `drop_info`, a glog INFO line)."""
-    return bool(CUDA_PROBING.search(line)) or (drop_info and line.startswith(b"I") and bool(GLOG_LINE.match(line)))
+def dropped(line: bytes, *, drop_info: bool, drop_decoders: bool = False) -> bool:
+    """Whether `line` is TensorFlow's CUDA probing (or, with `drop_info`, a glog INFO line;
+    with `drop_decoders`, an image decoder's complaint)."""
+    return (bool(CUDA_PROBING.search(line)) or (drop_info and line.startswith(b"I") and bool(GLOG_LINE.match(line)))
+            or (drop_decoders and bool(IMAGE_DECODERS.match(line))))
 
 
-def forward(source: BinaryIO, sink: BinaryIO, *, drop_info: bool) -> None:
+def forward(source: BinaryIO, sink: BinaryIO, *, drop_info: bool, drop_decoders: bool = False) -> None:
     """Copy `source` to `sink` line by line, without the lines `dropped` names; absl's
     preamble only before a C++ log line that is kept. A last line without newline is kept too."""
     held = b""
@@ -204,7 +222,7 @@ def forward(source: BinaryIO, sink: BinaryIO, *, drop_info: bool) -> None:
         for line in iter(source.readline, b""):
             if line.rstrip(b"\r\n") == ABSL_PREAMBLE:
                 held = line
-            elif not dropped(line, drop_info=drop_info):
+            elif not dropped(line, drop_info=drop_info, drop_decoders=drop_decoders):
                 if GLOG_LINE.match(line):
                     line, held = held + line, b""
                 sink.write(line)
@@ -220,4 +238,5 @@ if __name__ == "__main__":
     # the block's process to forward its last words, and ends when the pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    forward(sys.stdin.buffer, sys.stdout.buffer, drop_info="--drop-info" in sys.argv[1:])
+    forward(sys.stdin.buffer, sys.stdout.buffer, drop_info="--drop-info" in sys.argv[1:],
+            drop_decoders="--drop-decoders" in sys.argv[1:])

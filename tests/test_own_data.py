@@ -87,6 +87,20 @@ def test_a_corrupt_file_is_one_line_naming_it_and_the_flag(photos: Path) -> None
     assert "dataset.on_bad_file=skip" in message
 
 
+def test_the_decoders_own_complaints_are_not_printed(photos: Path, capfd) -> None:
+    # libjpeg writes "Input file read error" (and its like) straight to stderr for a
+    # corrupt JPEG: the error names the file instead, in one line.
+    from pipeline.datasets import images
+
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        images.load(tf.constant(str(photos / "zero" / "broken.jpg")), (8, 8), 3)
+    assert "Input file read error" in capfd.readouterr().err, "what the decoder says unfiltered"
+    with pytest.raises(DatasetError, match="cannot be decoded"):
+        ImageFolder(str(photos), image_size=[16, 16]).read("memory")
+    printed = capfd.readouterr().err
+    assert "Input file read error" not in printed and "JPEG" not in printed, printed
+
+
 def test_files_without_an_image_extension_are_counted_at_info(photos: Path, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="pipeline.datasets.image_folder"):
         ImageFolder(str(photos), image_size=[16, 16], on_bad_file="skip").read("none")
@@ -353,6 +367,17 @@ def test_a_spreadsheet_trains_registers_reloads_and_predicts(mlflow_store: str, 
     truth = [line.rsplit(",", 1)[1] for line in new.read_text().splitlines()[1:]]
     assert [row["input"] for row in rows[:2]] == ["new_wines.csv:2", "new_wines.csv:3"]
     assert np.mean([row["prediction"] == label for row, label in zip(rows, truth, strict=True)]) > 0.8
+
+    lines = new.read_text().splitlines()
+    lines[3] = lines[3].replace(lines[3].split(",")[2], "n/a", 1)  # line 4's alcohol
+    new.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"^inputs: 1 of \d+ rows have a missing or unparsable cell, first "
+                                           r"new_wines.csv line 4, column 'alcohol': missing value"):
+        predict.predict(compose_config(["model=models:/wine-mlp@champion", f"inputs={new}"], config_name="predict"))
+    rows = predictions(predict.predict(compose_config(["model=models:/wine-mlp@champion", f"inputs={new}",
+                                                       "on_bad_file=skip", f"output={tmp_path / 'out.csv'}"],
+                                                      config_name="predict")))
+    assert len(rows) == len(lines) - 2 and "new_wines.csv:4" not in {row["input"] for row in rows}
 
 
 @pytest.mark.parametrize("which, classes", [("iris", 3), ("breast_cancer", 2)])

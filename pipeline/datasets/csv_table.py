@@ -36,6 +36,9 @@ from pipeline.errors import DatasetError, one_line
 log = logging.getLogger(__name__)
 
 ON_MISSING = ("error", "drop")
+# A categorical column with more categories than this, and than half the training rows,
+# is more likely an id or free text than a feature: the run warns.
+MANY_CATEGORIES = 50
 # How many bad cells a message names (it counts them all).
 NAMED_CELLS = 3
 
@@ -116,6 +119,11 @@ class CsvTable:
                 raise DatasetError(f"dataset {self.name!r}: its {role} split is empty ({len(frame)} rows, "
                                    f"test_fraction={self.test_fraction}, val_fraction={self.val_fraction})")
         columns = describe_columns(values, kinds, row_roles == "train")
+        many = max(MANY_CATEGORIES, np.sum(row_roles == "train") / 2)
+        for column in columns:
+            if column.dtype == "string" and len(column.vocabulary) > many:
+                log.warning("dataset %s: column %r has %d categories, one input each: an id or free text? "
+                            "If so, list it in dataset.drop", self.name, column.name, len(column.vocabulary))
         spec = InputSpec(shape=(encoded_width(columns),), dtype="float32", num_classes=len(class_names),
                          max_value=1.0, columns=columns)
         split_roles = [role for role in examples.ROLES if role in roles and np.any(row_roles == role)]

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from architectures.common import InputSpec
+from pipeline import quiet
 from pipeline.datasets import examples, images
 from pipeline.datasets.examples import Examples, Lineage
 from pipeline.errors import DatasetError
@@ -100,7 +101,7 @@ class ImageFolder:
                      ignored[1])
         size = self.image_size or self.common_size(files)
         # The digest stats every file: on a thread, beside the decoding (the disk cache's key needs it first).
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, quiet.image_decoding():
             digest = pool.submit(digest_of, {f.relative: f.path for role_files in files.values() for f in role_files})
             if cache == "disk":  # the cache holds every split, whichever this caller reads
                 decoded, kept = self._read_disk_cache(files, size, digest.result())
@@ -112,14 +113,14 @@ class ImageFolder:
         skipped = tuple(sorted(f.relative for role, role_files in files.items()
                                for index, f in enumerate(role_files) if index not in kept[role]))
         self._check_bad_files(skipped, sum(len(role_files) for role_files in files.values()))
-        read = {}
+        pipelines = {}
         for role, role_files in files.items():
             if not kept[role]:
                 raise DatasetError(f"dataset {self.name!r}: no readable image left in its {role} split")
-            read[role] = decoded[role] if decoded is not None else self._streamed(
+            pipelines[role] = decoded[role] if decoded is not None else self._streamed(
                 [role_files[index] for index in sorted(kept[role])], size)
         return Examples(
-            roles=read,
+            roles=pipelines,
             sizes={role: len(kept[role]) for role in files},
             input_spec=InputSpec(shape=(*size, self.channels), dtype="uint8", num_classes=len(class_names)),
             class_names=class_names,
