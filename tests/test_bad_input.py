@@ -21,7 +21,6 @@ import yaml
 from conftest import REPO, TrainedRun, compose_plan, run_in_process
 from mlflow.tracking import MlflowClient
 
-
 # (argv after `python -m pipeline.train` (or after `python -m`, when it names another entry point),
 #  exit code, text the single error line must contain)
 BAD_INPUTS = [

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ast
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from conftest import REPO, run_in_process
 
 from pipeline import extras
@@ -55,7 +55,7 @@ def test_every_extra_is_installed_by_dev() -> None:
     dev_extras = {extra for requirement in optional["dev"] if requirement.startswith("tf-hydra-mlflow-pipeline[")
                   for extra in requirement.partition("[")[2].rstrip("]").split(",")}
     assert set(extras.EXTRAS) <= set(optional) and set(optional) - {"dev"} <= dev_extras, (set(optional), dev_extras)
-    for extra, (module, distribution) in extras.EXTRAS.items():
+    for extra, (_module, distribution) in extras.EXTRAS.items():
         assert any(r.startswith(distribution) for r in optional[extra]), (extra, distribution, optional[extra])
 
 

@@ -40,7 +40,8 @@ def test_a_signature_is_read_as_mlflow_enforces_it() -> None:
     assert input_specs.of_signature(single) == {"": Spec("uint8", (8, 8, 1))}
     named = Schema([TensorSpec(np.dtype("uint8"), (-1, 32, 32, 3), "image"),
                     TensorSpec(np.dtype("float32"), (-1, -1), "features")])
-    assert input_specs.of_signature(named) == {"image": Spec("uint8", (32, 32, 3)), "features": Spec("float32", (None,))}
+    assert input_specs.of_signature(named) == {"image": Spec("uint8", (32, 32, 3)),
+                                               "features": Spec("float32", (None,))}
     assert input_specs.of_signature(None) is None  # a model logged without a signature: nothing to check
     input_specs.require_fit(None, {"": Spec("float32", (3,))}, "m", "d", "evaluate it")
     # A free dimension takes any size, but not another rank.

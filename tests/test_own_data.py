@@ -369,7 +369,9 @@ def test_a_spreadsheet_trains_registers_reloads_and_predicts(mlflow_store: str, 
     assert np.mean([row["prediction"] == label for row, label in zip(rows, truth, strict=True)]) > 0.8
 
     lines = new.read_text().splitlines()
-    lines[3] = lines[3].replace(lines[3].split(",")[2], "n/a", 1)  # line 4's alcohol
+    cells = lines[3].split(",")
+    cells[lines[0].split(",").index("alcohol")] = "n/a"
+    lines[3] = ",".join(cells)  # line 4's alcohol
     new.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError, match=r"^inputs: 1 of \d+ rows have a missing or unparsable cell, first "
                                            r"new_wines.csv line 4, column 'alcohol': missing value"):
