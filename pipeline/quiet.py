@@ -16,7 +16,7 @@ sets it, every C++ INFO line too) and forwards every other byte unchanged.
 Where a GPU is expected (an NVIDIA driver, and CUDA_VISIBLE_DEVICES not "" or "-1"), or
 with PIPELINE_SHOW_TF_INIT=1, nothing is filtered: there a CUDA failure is news.
 
-Run as a script, this file is the filter itself: stdin to stdout, standard library only.
+The filter itself is `pipeline/stderr_filter.py`, run as a process.
 
 TensorFlow's Python warnings that say nothing in the situation at hand are dropped from
 then on with `drop_tensorflow_warnings`:
@@ -35,34 +35,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
-# Said by TensorFlow's CUDA probing when there is no GPU to find, at any log level.
-CUDA_PROBING = re.compile(
-    rb"cuInit|Could not find cuda drivers|cuda_platform\.cc|cudart_stub\.cc|TF-TRT Warning"
-    rb"|Unable to register cu(?:DNN|FFT|BLAS) factory|computation placer already registered"
-)
-# A C++ log line, e.g. `I0000 00:00:1796161741.272731   19237 port.cc:153] ...`. INFO (I) is
-# the level TF_CPP_MIN_LOG_LEVEL >= 1 asks to hide, which these lines escape by coming
-# before absl has read it (e.g. "oneDNN custom operations are on").
-GLOG_LINE = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.-]+:\d+\] ")
-# What libjpeg and libpng print straight to stderr about a file they cannot decode (or
-# decode with a complaint): the pipeline names such files itself, in one line
-# (`pipeline.datasets.image_folder`, `pipeline.predict`).
-IMAGE_DECODERS = re.compile(
-    rb"^(?:Premature end of JPEG file|Corrupt JPEG data|Input file read error|Not a JPEG file"
-    rb"|Improper call to JPEG library|Bogus (?:marker|DQT|DHT|Huffman)|Unsupported marker|Invalid JPEG"
-    rb"|libpng (?:warning|error))"
-)
-# Printed before the first C++ log line of each library: said only before a C++ line that is kept.
-ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+from pipeline import stderr_filter
+from pipeline.heavy_imports import first_import
 
 _tensorflow_loaded = False
 _runs = 0  # runs started in this process (`count_run`)
@@ -80,7 +59,6 @@ def import_tensorflow() -> None:
     if _tensorflow_loaded:
         return
     filtering = filtered_stderr(drop_info=_min_log_level() >= 1) if filtering_wanted() else contextlib.nullcontext()
-    from pipeline.heavy_imports import first_import  # here: this file also runs alone, as the filter (-I -S)
 
     with filtering, first_import("tensorflow"):  # without garbage collections through its objects
         import tensorflow as tf
@@ -157,8 +135,8 @@ def image_decoding() -> contextlib.AbstractContextManager[None]:
 @contextlib.contextmanager
 def filtered_stderr(*, drop_info: bool, drop_decoders: bool = False) -> Iterator[None]:
     """Inside the block, file descriptor 2 (C++, Python, child processes) writes into a
-    pipe read by a filter process (this file run as a script), which forwards to the
-    real stderr every line that `dropped` keeps. fd 2 is restored on the way out, an
+    pipe read by a filter process (`pipeline/stderr_filter.py`), which forwards to the
+    real stderr every line that `stderr_filter.dropped` keeps. fd 2 is restored on the way out, an
     exception included, once the filter has forwarded all it read.
 
     A process rather than a thread: if the block aborts the whole process (a fatal
@@ -198,45 +176,11 @@ def _start_filter(drop_info: bool, drop_decoders: bool = False) -> tuple[subproc
         real_stderr = os.dup(2)
     except OSError:
         return None, -1
-    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), *(["--drop-info"] if drop_info else []),
+    command = [sys.executable, "-I", "-S", os.path.abspath(stderr_filter.__file__),
+               *(["--drop-info"] if drop_info else []),
                *(["--drop-decoders"] if drop_decoders else [])]
     try:
         return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=real_stderr, stderr=real_stderr), real_stderr
     except OSError:
         os.close(real_stderr)
         return None, -1
-
-
-def dropped(line: bytes, *, drop_info: bool, drop_decoders: bool = False) -> bool:
-    """Whether `line` is TensorFlow's CUDA probing (or, with `drop_info`, a glog INFO line;
-    with `drop_decoders`, an image decoder's complaint)."""
-    return (bool(CUDA_PROBING.search(line)) or (drop_info and line.startswith(b"I") and bool(GLOG_LINE.match(line)))
-            or (drop_decoders and bool(IMAGE_DECODERS.match(line))))
-
-
-def forward(source: BinaryIO, sink: BinaryIO, *, drop_info: bool, drop_decoders: bool = False) -> None:
-    """Copy `source` to `sink` line by line, without the lines `dropped` names; absl's
-    preamble only before a C++ log line that is kept. A last line without newline is kept too."""
-    held = b""
-    try:
-        for line in iter(source.readline, b""):
-            if line.rstrip(b"\r\n") == ABSL_PREAMBLE:
-                held = line
-            elif not dropped(line, drop_info=drop_info, drop_decoders=drop_decoders):
-                if GLOG_LINE.match(line):
-                    line, held = held + line, b""
-                sink.write(line)
-                sink.flush()
-    except Exception:  # a bug here must not cost the process its stderr
-        sink.write(held)
-        shutil.copyfileobj(source, sink)
-        sink.flush()
-
-
-if __name__ == "__main__":
-    # Ctrl-C or a scheduler's SIGTERM reaches the whole process group: the filter outlives
-    # the block's process to forward its last words, and ends when the pipe closes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    forward(sys.stdin.buffer, sys.stdout.buffer, drop_info="--drop-info" in sys.argv[1:],
-            drop_decoders="--drop-decoders" in sys.argv[1:])

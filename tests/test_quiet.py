@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_module
 
-from pipeline import quiet
+from pipeline import quiet, stderr_filter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_a_benchmarks_help_prints_no_cuda_probing() -> None:
                             capture_output=True, timeout=120,
                             env={**os.environ, "PIPELINE_SHOW_TF_INIT": "0", "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0 and result.stdout.startswith(b"usage: "), result.stderr[-3000:]
-    assert not quiet.CUDA_PROBING.search(result.stderr), result.stderr.decode()
+    assert not stderr_filter.CUDA_PROBING.search(result.stderr), result.stderr.decode()
 
 
 def test_tensorflow_retracing_warning_is_dropped_from_a_process_second_run_only(monkeypatch, caplog):
