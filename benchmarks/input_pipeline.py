@@ -1,6 +1,6 @@
 """The image-folder input pipeline against Keras's, and what augmentation costs a ResNet.
 
-    python -m benchmarks.input_pipeline                  # 5,000 JPEGs, 3 rounds
+    python -m benchmarks.input_pipeline                  # 5,000 JPEGs; 9 input rounds, 3 resnet rounds
     python -m benchmarks.input_pipeline --rounds 5 --docs
 
 1. Input throughput, images per second, on one generated folder of 32x32 JPEGs (10
@@ -167,7 +167,10 @@ def resnet_throughput(folder: Path, augment: str, store: Path, train_examples: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each comparison")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the resnet comparison")
+    parser.add_argument("--input-rounds", type=int, default=9,
+                        help="interleaved rounds of the input comparison (a few seconds each; Keras's first epoch "
+                             "varies by half from one round to the next on a shared host)")
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--docs", action="store_true", help="write the figures into docs/performance.md")
     args = parser.parse_args()
@@ -176,9 +179,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(Path(tmp) / "folder", args.images)
         read_every_file(folder)
-        print(f"input: {args.images} JPEGs of {SIZE}x{SIZE}, batch {BATCH}, {args.rounds} interleaved rounds",
+        print(f"input: {args.images} JPEGs of {SIZE}x{SIZE}, batch {BATCH}, {args.input_rounds} interleaved rounds",
               flush=True)
-        first, later = input_throughput(args.rounds, folder)
+        first, later = input_throughput(args.input_rounds, folder)
         print(f"resnet: {args.rounds} interleaved rounds of augment=none, flip_crop in tf.data, flip_crop in the "
               "train step", flush=True)
         store = Path(tmp) / "mlflow.db"
