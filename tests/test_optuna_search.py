@@ -310,6 +310,24 @@ def test_patience_counts_finished_trials_in_a_row_without_improvement(patience, 
         Patience.of({"patience": 0}, "maximize")
 
 
+def test_only_the_worker_that_ran_the_last_finished_trial_registers_the_best() -> None:
+    # Workers on one study end together and summarise the same children: each would
+    # register the best model. Trial 3 failed last (e.g. failed by another worker when
+    # its own died): the last *finished* trial is 2, pruned.
+    from pipeline.tracking import optuna_runs
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(finished_trials(0.90, 0.95, "pruned", "failed"))
+    study.set_user_attr(optuna_runs.PARENT_ATTR, "parent-1")
+    workers = {"a": {0, 2}, "b": {1, 3}, "late": set()}  # `late` found the study full
+    registers = {}
+    for name, launched in workers.items():
+        registers[name] = optuna_runs.settle_registration(study, launched)
+        assert optuna_runs.registers_best("parent-1") == registers[name]
+    assert registers == {"a": True, "b": False, "late": False}
+    assert optuna_runs.registers_best("another-sweep"), "grid sweeps, and other studies, register as before"
+
+
 def test_trial_lines_say_what_each_trial_did_beside_the_best() -> None:
     from pipeline.tracking.optuna_progress import trial_line
 

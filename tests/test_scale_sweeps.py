@@ -134,12 +134,13 @@ def test_parallel_sweep_into_mlflow_on_postgresql(postgres: PostgresCluster,  # 
 # -- one Optuna study across processes and launchers ------------------------------------
 
 
-def independent_workers(tmp_path: Path, tfds_dir: str, storage: str, workers: int = 3,
-                        n_trials: int = 3) -> list[subprocess.CompletedProcess]:
+def independent_workers(tmp_path: Path, tfds_dir: str, storage: str, workers: int = 3, n_trials: int = 3,
+                        log_model: bool = False) -> list[subprocess.CompletedProcess]:
     """`workers` copies of one search command started at once, each in a directory of
     its own (as on machines of their own), sharing only the Optuna storage and the MLflow
     store; their outputs once all have ended."""
-    command = [sys.executable, "-m", "pipeline.train", "hparams_search=optuna", *SWEEP_JOB, "mlflow.log_model=false",
+    command = [sys.executable, "-m", "pipeline.train", "hparams_search=optuna", *SWEEP_JOB,
+               f"mlflow.log_model={str(log_model).lower()}",
                f"dataset.data_dir={tfds_dir}", f"hydra.sweeper.storage={storage}",
                f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.pruner=none",
                # A worker with no trial left to ask polls for the others' end every second, not 5.
@@ -180,8 +181,15 @@ def test_three_independent_commands_share_one_study_in_a_journal_file(tfds_dir: 
     # A cluster with a shared filesystem and no database server: the journal file on it.
     journal = tmp_path / "shared" / "study.log"
     journal.parent.mkdir()
-    results = independent_workers(tmp_path, tfds_dir, f"journal://{journal}")
+    results = independent_workers(tmp_path, tfds_dir, f"journal://{journal}", log_model=True)
     assert_one_study_one_parent(results, storage_for(f"journal://{journal}"), tmp_path)
+    # All three end together and summarise the same children; one registers the best.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, _ = sweep_runs(client)
+    versions = client.search_model_versions("name='digits-mlp'")
+    assert [v.run_id for v in versions] == [parent.data.tags["sweep.best_run_id"]], [
+        (v.version, v.run_id) for v in versions]
+    assert parent.data.tags["sweep.best_model"] == "models:/digits-mlp@sweep-best"
 
 
 @pytest.mark.slow

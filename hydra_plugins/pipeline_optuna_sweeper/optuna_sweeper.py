@@ -49,6 +49,7 @@ class OptunaSweeper(Sweeper):
         self.hydra_context = None
         self.spec = None
         self._composed: set[tuple[str, str]] | None = None  # categorical values composed so far
+        self._launched: set[int] = set()  # the numbers of the trials this process launched
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
@@ -68,7 +69,7 @@ class OptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         from pipeline.tracking.optuna_progress import Patience
-        from pipeline.tracking.optuna_runs import Children
+        from pipeline.tracking.optuna_runs import Children, settle_registration
         from pipeline.tracking.optuna_study import counts_toward_n_trials
 
         spec, settings = self.spec, self.spec.settings
@@ -118,6 +119,7 @@ class OptunaSweeper(Sweeper):
         elif stopped.startswith("patience"):
             print(f"optuna: study {spec.name} stops: {stopped}", flush=True)
         self._write_results(study)
+        settle_registration(study, self._launched)  # one worker of a shared study registers its best
         if children is not None:
             children.record_stop(stopped)
             children.log_figures(study)
@@ -135,6 +137,7 @@ class OptunaSweeper(Sweeper):
         overrides = [[*trial_overrides(self.spec, trial.params),
                       f"++hydra.job.env_set.{TRIAL_ENV}={encoded(self.spec.trial(trial._trial_id, trial.number))}"]
                      for trial in batch]
+        self._launched.update(trial.number for trial in batch)
         heartbeats = [get_heartbeat_thread(trial._trial_id, study._storage) for trial in batch]
         for heartbeat in heartbeats:
             heartbeat.start()

@@ -27,6 +27,44 @@ PARENT_ATTR = "mlflow.parent_run_id"  # study user attributes: the study's MLflo
 TRACKING_URI_ATTR = "mlflow.tracking_uri"  # ... and the store it is in
 STOPPED_TAG = "sweep.stopped"  # the parent's: why the study stopped (n_trials reached, or patience)
 
+# Parent runs (studies) whose best model this process leaves to another worker (`settle_registration`).
+_registered_elsewhere: set[str] = set()
+
+
+def settle_registration(study, launched: set[int]) -> bool:
+    """Decide, once this worker's search loop has ended, whether it registers the study's
+    best model: only the worker that ran the study's last finished trial does.
+
+    Every worker on a shared study ends its search at about the same moment (when the
+    study holds `n_trials` finished trials) and summarises the same children, so each
+    would register the same best model: two versions of it when they overlap. The last
+    finished trial is the same in every worker's view, and its worker is alive at the
+    end (it ran it). A command that ran no trial (the study was full) registers nothing.
+
+    Args:
+        study: the study, after the loop.
+        launched: the numbers of the trials this process launched.
+    """
+    from optuna.trial import TrialState
+
+    parent_run_id = study.user_attrs.get(PARENT_ATTR)
+    ended = [t for t in study.get_trials(deepcopy=False)
+             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.datetime_complete is not None]
+    last = max(ended, key=lambda t: (t.datetime_complete, t.number), default=None)
+    registers = last is not None and last.number in launched
+    if parent_run_id is not None:
+        (_registered_elsewhere.discard if registers else _registered_elsewhere.add)(parent_run_id)
+    if last is not None and not registers:
+        log.info("sweep: the study's best model is registered by the worker that ran its last trial (%d)",
+                 last.number)
+    return registers
+
+
+def registers_best(parent_run_id: str) -> bool:
+    """Whether this process's sweep under `parent_run_id` registers its best model (False
+    only for a worker on a shared Optuna study that did not run its last trial)."""
+    return parent_run_id not in _registered_elsewhere
+
 
 def parent_run(config: DictConfig, tracking_uri: str, create: Callable[[Mapping[str, str]], str]) -> str:
     """A sweep's parent run (for `SweepRecorder`): a new one from `create(tags)`, except under our

@@ -17,7 +17,8 @@
   value in its overrides) still leaves a FAILED child with its `failure_reason`; a job
   that ended with a non-finite optimized metric is marked FAILED too.
 - `on_multirun_end` (launching process): registers the best child's logged model (the
-  one candidate for `champion`, with `register=best`), logs the summary on the parent (a
+  one candidate for `champion`, with `register=best`; of the workers on one Optuna study,
+  the one that ran its last trial), logs the summary on the parent (a
   table with one row per child, the optimized metric against each swept parameter, the
   best child's run id, `@sweep-best` on its registered model version), ends the parent
   FINISHED, prints its closing block (`pipeline.summary`), and exits non-zero if a job failed.
@@ -173,7 +174,8 @@ class SweepRecorder:
 
     def _log_summary(self, client, summary: Summary) -> None:
         run_id = self.parent_run_id
-        if self.register == "best" and summary.best is not None and not summary.best.get("registered_model"):
+        if (self.register == "best" and summary.best is not None and not summary.best.get("registered_model")
+                and optuna_runs.registers_best(run_id)):
             from pipeline.tracking import registry
 
             summary.best["registered_model"] = _retry(lambda: registry.register_run(client, summary.best["run_id"]))
