@@ -211,11 +211,11 @@ def test_three_independent_commands_share_one_study_in_postgresql(postgres: Post
 @pytest.mark.parametrize("launcher", ["submitit_local", "ray_local"])
 def test_an_optuna_search_runs_its_trials_through_another_launcher(launcher: str, tfds_dir: str,
                                                                    tmp_path: Path) -> None:
-    # Trials in processes the launcher starts, two at a time (so a second batch is sampled
+    # Trials in processes the launcher starts, two at a time (so later batches are sampled
     # from the first's results), reporting their epochs to the study (what pruning reads)
     # through the storage, each a FINISHED child of the sweep's one parent run.
     result = run_module("pipeline.train", "hparams_search=optuna", f"hydra/launcher={launcher}", *SWEEP_JOB,
-                        "mlflow.log_model=false", "hydra.sweeper.n_trials=3",
+                        "mlflow.log_model=false", "hydra.sweeper.n_trials=4",
                         "hydra.sweeper.n_jobs=2", f"dataset.data_dir={tfds_dir}", cwd=tmp_path,
                         # Ray would otherwise try to report usage statistics over the network.
                         env={"RAY_USAGE_STATS_ENABLED": "0"})
@@ -223,16 +223,16 @@ def test_an_optuna_search_runs_its_trials_through_another_launcher(launcher: str
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert all(len(t.intermediate_values) == 1 for t in trials), "the epoch reported from the launcher's process"
     parent, children = sweep_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.launcher"] == {"submitit_local": "LocalLauncher", "ray_local": "RayLauncher"}[
         launcher], "hydra-submitit-launcher's local executor (SLURM's launcher code), or Ray's"
-    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2]
-    assert [c.info.status for c in children] == ["FINISHED"] * 3, [c.data.tags.get("failure_reason")
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2, 3]
+    assert [c.info.status for c in children] == ["FINISHED"] * 4, [c.data.tags.get("failure_reason")
                                                                     for c in children]
     assert all(math.isfinite(c.data.metrics["final_val_accuracy"]) for c in children)
     assert parent.data.tags["sweep.best_run_id"] in {c.info.run_id for c in children}
     if launcher == "submitit_local":  # each trial ran in a process submitit started, and left its result there
-        assert len(submitit_results(Path(parent.data.tags["sweep.dir"]))) == 3
+        assert len(submitit_results(Path(parent.data.tags["sweep.dir"]))) == 4
